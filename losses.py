@@ -451,7 +451,8 @@ class EmbeddingContrastiveLoss(nn.Module):
     For each directed pair (i, j = i + d) with both labels valid and d_ij = ||f_i - f_j||_2:
         same label:       0.5 * d_ij^2
         different label:  0.5 * max(0, margin - d_ij)^2
-    averaged over all such pairs of the batch (0 when there are none). With ``normalize=True``
+    averaged over all such pairs of the batch (0 when there are none); with several kernel sizes
+    the pairs of every size are pooled into that one mean. With ``normalize=True``
     (default) features are L2-normalised per pixel first, so d lies in [0, 2] and the default
     margin 1.0 is meaningful whatever the feature scale (the paper gives neither; without it the
     pull term can shrink all features towards 0). Labels are picked down to the feature size.
