@@ -1,0 +1,885 @@
+"""Evaluation: the paper's three metrics, exactly (paper section 4, Tables 2-4 and 6-9).
+
+    python evaluate.py --ckpt model.pt --metric all                      # data set from the checkpoint
+    python evaluate.py --ckpt model.pt --dataset voc --data-root VOCdevkit --metric boundary
+    python evaluate.py --pred-dir preds/ --dataset voc --data-root VOCdevkit --metric all
+    python evaluate.py --ckpt aaf.pt --metric kernels                    # paper Fig. 3
+
+Metrics (METRICS.md, section numbers below refer to it):
+1. mIoU: one confusion matrix summed over the data set, IoU_c = TP / (TP + FP + FN).
+2. Instance-wise mIoU (Table 3): per-image IoU of each class weighted by the number of
+   ground-truth instances of that class in the image.
+3. Boundary precision / recall / F (Tables 4 and 8): the BSDS500 protocol on the boundaries of
+   each class's binary masks, with an exact one-to-one maximum matching within a radius of
+   0.75% of the image diagonal.
+
+Predictions come from infer.predict (sliding window, scales, flip; SPEC 7) or from saved label
+PNGs (`--pred-dir`), so that the outputs of any method can be scored the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import multiprocessing
+import os
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+import data
+import infer
+
+DEFAULT_MAX_DIST = 0.0075  # BSDS tolerance: fraction of the image diagonal (METRICS 3.3)
+METRICS = ("miou", "instance", "boundary")
+
+# Cityscapes classes that have instance ids (METRICS 2): the 8 "thing" train ids. Caravan and
+# trailer also carry instances but map to void (255), so they never count.
+CITYSCAPES_THING_NAMES = ("person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
+CITYSCAPES_INSTANCE_OFFSET = 1000  # instanceIds value = labelId * 1000 + k for single objects
+
+
+# --------------------------------------------------------------------------------------------
+# 1. mIoU (METRICS 1, paper Tables 2, 6, 9)
+# --------------------------------------------------------------------------------------------
+def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> np.ndarray:
+    """Pixel counts `[C, C]`, rows ground truth, columns prediction (np.int64).
+
+    Pixels whose ground truth is outside [0, C) (void, 255) are skipped. A prediction outside
+    [0, C) at a valid pixel (255 in a saved PNG, say) is a miss of the true class and a false
+    positive of no class; a [C, C] matrix has no cell for that, so when (and only when) such
+    pixels exist the result gets one extra column, `[C, C + 1]`, whose last column counts them.
+    `miou` and `pixel_accuracy` read both shapes.
+    """
+    pred = np.asarray(pred).astype(np.int64, copy=False).ravel()
+    gt = np.asarray(gt).astype(np.int64, copy=False).ravel()
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction and ground truth differ in size: {pred.size} vs {gt.size}")
+    valid = (gt >= 0) & (gt < num_classes)
+    pred, gt = pred[valid], gt[valid]
+    invalid_pred = (pred < 0) | (pred >= num_classes)
+    has_miss = bool(invalid_pred.any())
+    width = num_classes + 1 if has_miss else num_classes
+    pred = np.where(invalid_pred, num_classes, pred)  # column C = "no valid class"
+    counts = np.bincount(gt * width + pred, minlength=num_classes * width)
+    return counts.reshape(num_classes, width)
+
+
+def add_confusion(total: np.ndarray, conf: np.ndarray) -> np.ndarray:
+    """Accumulate a [C, C] or [C, C + 1] matrix into a [C, C + 1] running total (in place)."""
+    total[:, :conf.shape[1]] += conf
+    return total
+
+
+def miou(conf: np.ndarray) -> tuple[np.ndarray, float]:
+    """Per-class IoU `[C]` and its mean, from a `[C, C]` (or `[C, C + 1]`) confusion matrix.
+
+    IoU_c = TP / (TP + FP + FN). A class that occurs neither in the ground truth nor in the
+    prediction has 0 / 0: its IoU is NaN and it is left out of the mean (as Cityscapes does);
+    a class that is only predicted gets IoU 0 and counts. The mean is NaN if no class occurs.
+    """
+    conf = np.asarray(conf, dtype=np.float64)
+    num_classes = conf.shape[0]
+    tp = np.diag(conf[:, :num_classes])
+    fn = conf.sum(axis=1) - tp  # includes misses in the extra "no valid class" column
+    fp = conf[:, :num_classes].sum(axis=0) - tp
+    denom = tp + fp + fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(denom > 0, tp / denom, np.nan)
+    return iou, nanmean(iou)
+
+
+def pixel_accuracy(conf: np.ndarray) -> float:
+    """Correct pixels / valid pixels (paper Table 9, "pix. acc"); NaN without valid pixels."""
+    conf = np.asarray(conf, dtype=np.float64)
+    total = conf.sum()
+    return float(np.trace(conf[:, :conf.shape[0]]) / total) if total > 0 else math.nan
+
+
+def nanmean(values: np.ndarray) -> float:
+    """Mean over the non-NaN entries; NaN (without a warning) when there are none."""
+    values = np.asarray(values, dtype=np.float64)
+    finite = values[~np.isnan(values)]
+    return float(finite.mean()) if finite.size else math.nan
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Instance-wise mIoU (METRICS 2, paper Tables 3 and 7)
+# --------------------------------------------------------------------------------------------
+def count_instances_voc(gt: np.ndarray, instances: np.ndarray, num_classes: int) -> np.ndarray:
+    """VOC convention: every distinct instance id except 255 is one instance of the majority
+    ground-truth class of its pixels (void pixels do not vote; ids with only void pixels are
+    skipped; ties go to the lower class id). Id 0 is the background region: one background
+    instance. Returns n `[C]` (np.int64)."""
+    gt = gt.ravel().astype(np.int64)
+    instances = instances.ravel().astype(np.int64)
+    keep = (instances != 255) & (gt >= 0) & (gt < num_classes)
+    ids, inverse = np.unique(instances[keep], return_inverse=True)
+    if ids.size == 0:
+        return np.zeros(num_classes, np.int64)
+    votes = np.bincount(inverse * num_classes + gt[keep], minlength=ids.size * num_classes)
+    majority = votes.reshape(ids.size, num_classes).argmax(axis=1)  # [ids]; every id has votes
+    return np.bincount(majority, minlength=num_classes).astype(np.int64)
+
+
+def count_instances_cityscapes(gt: np.ndarray, instances: np.ndarray, num_classes: int) -> np.ndarray:
+    """Cityscapes convention on `*_gtFine_instanceIds.png` (labelId * 1000 + k for objects).
+
+    The 8 thing classes count their distinct values (a value < 1000 of a thing class is a group
+    region such as "cargroup": one instance); stuff classes count 1 when present in `gt`
+    (train ids); values mapping to void (255) never count.
+    """
+    n = np.zeros(num_classes, np.int64)
+    things = set(cityscapes_thing_train_ids())
+    for c in range(num_classes):
+        if c not in things and np.any(gt == c):
+            n[c] = 1
+    for value in np.unique(instances).tolist():
+        label_id = value // CITYSCAPES_INSTANCE_OFFSET if value >= CITYSCAPES_INSTANCE_OFFSET else value
+        train_id = data.CITYSCAPES_LABEL_TO_TRAIN.get(label_id, data.IGNORE_INDEX)  # unknown ids: void
+        if train_id in things:
+            n[train_id] += 1
+    return n
+
+
+@functools.lru_cache(maxsize=1)
+def cityscapes_thing_train_ids() -> tuple[int, ...]:
+    """Train ids of the Cityscapes thing classes, looked up by name in data.py's class list."""
+    names = list(data.dataset_info("cityscapes").class_names)
+    return tuple(names.index(name) for name in CITYSCAPES_THING_NAMES)
+
+
+def count_instances(gt: np.ndarray, instances: np.ndarray | None, num_classes: int,
+                    dataset: str) -> np.ndarray:
+    """n_{c,x}: ground-truth instances per class in one image (METRICS 2)."""
+    if instances is None:  # no instance annotation (CamVid, GTA5): a present class is one instance
+        present = np.bincount(gt[(gt >= 0) & (gt < num_classes)].ravel().astype(np.int64),
+                              minlength=num_classes)
+        return (present > 0).astype(np.int64)
+    if dataset == "cityscapes":
+        return count_instances_cityscapes(gt, instances, num_classes)
+    return count_instances_voc(gt, instances, num_classes)  # VOC and synthetic
+
+
+def instance_iou_stats(pred: np.ndarray, gt: np.ndarray, instances: np.ndarray | None,
+                       num_classes: int, dataset: str) -> tuple[np.ndarray, np.ndarray]:
+    """One image's share of U_c = sum_x n_{c,x} IoU_{c,x} / sum_x n_{c,x} (paper section 4.2).
+
+    Returns (iou_weighted_sum [C] float64 = n_{c,x} * IoU_{c,x}, n_instances [C] int64).
+    IoU_{c,x} uses this image's TP/FP/FN only (void pixels skipped, out-of-range predictions
+    are misses, as in `confusion_matrix`). A class that is only predicted has n = 0 and so
+    does not count, however wrong the prediction.
+    """
+    conf = confusion_matrix(pred, gt, num_classes)
+    iou, _ = miou(conf)
+    n = count_instances(np.asarray(gt), None if instances is None else np.asarray(instances),
+                        num_classes, dataset)
+    iou = np.nan_to_num(iou, nan=0.0)  # 0/0 only where n is 0 too
+    return iou * n, n
+
+
+def instance_miou(iou_weighted_sum: np.ndarray, n_instances: np.ndarray) -> tuple[np.ndarray, float]:
+    """U_c `[C]` (NaN for classes without any instance in the data set) and their mean."""
+    n = np.asarray(n_instances, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_class = np.where(n > 0, np.asarray(iou_weighted_sum, np.float64) / n, np.nan)
+    return per_class, nanmean(per_class)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Boundary precision / recall (METRICS 3, paper Tables 4 and 8)
+# --------------------------------------------------------------------------------------------
+def seg2bdry(mask: np.ndarray) -> np.ndarray:
+    """Boundary map of a binary mask, BSDS `seg2bdry(mask, 'imageSize')` (METRICS 3.1).
+
+    Pixel (i, j) is a boundary pixel iff the 2x2 block whose top-left corner it is is not
+    constant; on the last row only the right neighbour counts, on the last column only the one
+    below, and the bottom-right pixel never. One pixel thick on straight edges (the "any
+    4-neighbour differs" rule would mark both sides).
+    """
+    m = np.asarray(mask, dtype=bool)
+    out = np.zeros(m.shape, dtype=bool)
+    top_left = m[:-1, :-1]
+    out[:-1, :-1] = (top_left != m[:-1, 1:]) | (top_left != m[1:, :-1]) | (top_left != m[1:, 1:])
+    out[-1, :-1] = m[-1, :-1] != m[-1, 1:]
+    out[:-1, -1] = m[:-1, -1] != m[1:, -1]
+    return out
+
+
+def _guo_hall_luts() -> tuple[np.ndarray, np.ndarray]:
+    """Deletion tables of the two sub-iterations of Guo-Hall thinning, indexed by the 8-bit
+    neighbour code (bit k-1 = x_k; x1 = east, then counter-clockwise: NE, N, NW, W, SW, S, SE).
+
+    Conditions of Guo & Hall (1989), the algorithm of MATLAB's bwmorph 'thin' and of
+    skimage.morphology.thin: G1 crossing number X_H = 1; G2 2 <= min(n1, n2) <= 3;
+    G3 (first pass) (x2 | x3 | ~x8) & x1 == 0, G3' (second pass) (x6 | x7 | ~x4) & x5 == 0.
+    """
+    first = np.zeros(256, dtype=bool)
+    second = np.zeros(256, dtype=bool)
+    for code in range(256):
+        x = [bool((code >> k) & 1) for k in range(8)]
+
+        def nb(k: int) -> bool:  # x_k with x_9 = x_1, 1-based as in the paper
+            return x[(k - 1) % 8]
+
+        crossing = sum(1 for i in range(1, 5) if not nb(2 * i - 1) and (nb(2 * i) or nb(2 * i + 1)))
+        n1 = sum(1 for k in range(1, 5) if nb(2 * k - 1) or nb(2 * k))
+        n2 = sum(1 for k in range(1, 5) if nb(2 * k) or nb(2 * k + 1))
+        g12 = crossing == 1 and 2 <= min(n1, n2) <= 3
+        first[code] = g12 and not ((nb(2) or nb(3) or not nb(8)) and nb(1))
+        second[code] = g12 and not ((nb(6) or nb(7) or not nb(4)) and nb(5))
+    return first, second
+
+
+_THIN_LUTS = _guo_hall_luts()
+# (dy, dx, bit) of the 8 neighbours in the order of the code bits above.
+_NEIGHBOUR_BITS = ((0, 1, 1), (-1, 1, 2), (-1, 0, 4), (-1, -1, 8),
+                   (0, -1, 16), (1, -1, 32), (1, 0, 64), (1, 1, 128))
+
+
+def thin_points(bmap: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row-major (ys, xs) of the pixels of `thin(bmap)`; the boundary metric only needs these."""
+    b = np.asarray(bmap, dtype=bool)
+    ys, xs = np.nonzero(b)
+    ys, xs = ys + 1, xs + 1
+    padded = np.zeros((b.shape[0] + 2, b.shape[1] + 2), dtype=np.uint8)  # 1-pixel zero frame
+    padded[ys, xs] = 1
+    changed = True
+    while changed and ys.size:
+        changed = False
+        for lut in _THIN_LUTS:
+            code = np.zeros(ys.size, dtype=np.uint8)  # 8-bit neighbour code of each pixel
+            for dy, dx, bit in _NEIGHBOUR_BITS:
+                code |= padded[ys + dy, xs + dx] * np.uint8(bit)
+            delete = lut[code]  # decided from the map before this sub-iteration (parallel)
+            if delete.any():
+                changed = True
+                padded[ys[delete], xs[delete]] = 0
+                ys, xs = ys[~delete], xs[~delete]
+    return ys - 1, xs - 1
+
+
+def thin(bmap: np.ndarray) -> np.ndarray:
+    """Thin a boundary map to one pixel: MATLAB `bwmorph(b, 'thin', Inf)` (METRICS 3.2).
+
+    The same parallel Guo-Hall algorithm as skimage.morphology.thin, and the same result
+    (test_evaluate checks equality on hundreds of maps), but each sub-iteration only looks at
+    the current foreground pixels instead of correlating the whole image: boundary maps are
+    sparse, so this is about 20x faster on VOC-sized images, and thinning was most of the
+    boundary metric's time. Outside the image counts as background, as in skimage.
+    """
+    ys, xs = thin_points(bmap)
+    out = np.zeros(np.shape(bmap), dtype=bool)
+    out[ys, xs] = True
+    return out
+
+
+def match_radius(shape: tuple[int, int], max_dist: float = DEFAULT_MAX_DIST) -> float:
+    """Tolerance in pixels: max_dist times the diagonal of the full image (METRICS 3.3)."""
+    return max_dist * math.hypot(shape[0], shape[1])
+
+
+@functools.lru_cache(maxsize=16)
+def disk_offsets(radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """Integer offsets (dy, dx) with sqrt(dy^2 + dx^2) <= radius, nearest first."""
+    reach = int(math.floor(radius))
+    dy, dx = np.mgrid[-reach:reach + 1, -reach:reach + 1]
+    dy, dx = dy.ravel(), dx.ravel()
+    dist = np.hypot(dy, dx)
+    keep = dist <= radius
+    order = np.argsort(dist[keep], kind="stable")
+    return dy[keep][order], dx[keep][order]
+
+
+def radius_graph(points_a: tuple[np.ndarray, np.ndarray], points_b: tuple[np.ndarray, np.ndarray],
+                 shape: tuple[int, int], radius: float, chunk: int = 4096) -> list[list[int]]:
+    """Bipartite graph between two pixel sets of an image of `shape`: a-pixel u is joined to
+    every b-pixel within `radius`. Points are (ys, xs) arrays.
+
+    Returns, for each a-pixel, the indices of its b-pixels, nearest first. Built by looking up
+    each disk offset in an index image of b, so the cost is (a-pixels x offsets), independent
+    of the image area.
+    """
+    ay, ax = points_a
+    by, bx = points_b
+    reach = int(math.ceil(radius))
+    index = np.full((shape[0] + 2 * reach, shape[1] + 2 * reach), -1, dtype=np.int32)
+    index[by + reach, bx + reach] = np.arange(by.size, dtype=np.int32)
+    off_y, off_x = disk_offsets(radius)
+    adjacency: list[list[int]] = []
+    for start in range(0, ay.size, chunk):  # chunks bound memory for Cityscapes-size radii
+        rows = ay[start:start + chunk, None] + reach + off_y[None, :]
+        cols = ax[start:start + chunk, None] + reach + off_x[None, :]
+        targets = index[rows, cols]  # [n, offsets], -1 where no b-pixel
+        hit = targets >= 0
+        flat = targets[hit].tolist()  # row-major, so each row keeps the nearest-first order
+        begin = 0
+        for end in np.cumsum(hit.sum(axis=1)).tolist():
+            adjacency.append(flat[begin:end])
+            begin = end
+    return adjacency
+
+
+def max_matching_size(adjacency: list[list[int]], num_right: int) -> int:
+    """Size of a maximum-cardinality bipartite matching (exact; METRICS 3.4).
+
+    Greedy nearest-free start, then one augmenting-path search (iterative DFS: paths can be
+    thousands of pixels long) from every left vertex the greedy pass left free. Dead-end
+    pruning: when a search fails, the left vertices it reached form a Hungarian tree (all
+    their neighbours are matched inside the tree), and deleting the tree with its matched
+    edges leaves the maximum matching size of the rest unchanged, so those vertices are
+    never entered again. When every free left vertex has failed, no augmenting path is left
+    and by Berge's theorem the matching is maximum. Deterministic, O(V E) at worst, and each
+    failed search is paid once.
+    """
+    num_left = len(adjacency)
+    match_left = [-1] * num_left
+    match_right = [-1] * num_right
+    size = 0
+    for u in range(num_left):  # greedy start: nearest free partner (lists are nearest first)
+        for v in adjacency[u]:
+            if match_right[v] < 0:
+                match_left[u] = v
+                match_right[v] = u
+                size += 1
+                break
+    dead = [False] * num_left  # left vertices of Hungarian trees, removed for good
+    seen = [0] * num_left  # search number that last entered the vertex
+    for search, root in enumerate((u for u in range(num_left) if match_left[u] < 0 and adjacency[u]), 1):
+        seen[root] = search
+        stack = [root]  # left vertices of the alternating path root -> ... -> stack[-1]
+        pointer = {root: 0}  # next edge to try, per entered left vertex
+        augmented = False
+        while stack:
+            u = stack[-1]
+            neighbours = adjacency[u]
+            degree = len(neighbours)
+            i = pointer[u]
+            while i < degree:
+                v = neighbours[i]
+                i += 1
+                w = match_right[v]
+                if w < 0:  # free right vertex: flip the path root -> ... -> u -> v
+                    for x in reversed(stack):
+                        previous = match_left[x]
+                        match_left[x] = v
+                        match_right[v] = x
+                        v = previous
+                    size += 1
+                    augmented = True
+                    break
+                if not dead[w] and seen[w] != search:  # go on through v's partner w
+                    seen[w] = search
+                    pointer[u] = i
+                    pointer[w] = 0
+                    stack.append(w)
+                    break
+            else:  # every edge of u tried: backtrack
+                stack.pop()
+                continue
+            if augmented:
+                break
+        if not augmented:
+            for x in pointer:  # every vertex this search entered
+                dead[x] = True
+    return size
+
+
+def class_boundary_counts(mask_gt: np.ndarray, mask_pred: np.ndarray, radius: float
+                          ) -> tuple[int, int, int]:
+    """(matched pairs k, GT boundary pixels, predicted boundary pixels) of one class's masks."""
+    points_gt = thin_points(seg2bdry(mask_gt))
+    points_pred = thin_points(seg2bdry(mask_pred))
+    num_gt, num_pred = points_gt[0].size, points_pred[0].size
+    if num_gt == 0 or num_pred == 0:
+        return 0, num_gt, num_pred
+    # The smaller side on the left keeps the Python loops short; k does not depend on it.
+    left, right = (points_gt, points_pred) if num_gt <= num_pred else (points_pred, points_gt)
+    adjacency = radius_graph(left, right, mask_gt.shape, radius)
+    return max_matching_size(adjacency, right[0].size), num_gt, num_pred
+
+
+def union_crop(mask_a: np.ndarray, mask_b: np.ndarray, margin: int) -> tuple[slice, slice]:
+    """Bounding box of mask_a | mask_b grown by `margin` pixels, clipped to the image.
+
+    Both masks are constant (False) outside the box and for `margin` >= 2 the boundary rule,
+    the 3x3 thinning and the distances are the same inside the crop as in the full image;
+    only the radius must still come from the full image (METRICS 3, "Speed").
+    """
+    union = mask_a | mask_b
+    rows = np.flatnonzero(union.any(axis=1))
+    cols = np.flatnonzero(union.any(axis=0))
+    height, width = union.shape
+    return (slice(max(rows[0] - margin, 0), min(rows[-1] + margin + 1, height)),
+            slice(max(cols[0] - margin, 0), min(cols[-1] + margin + 1, width)))
+
+
+def boundary_stats(pred: np.ndarray, gt: np.ndarray, num_classes: int,
+                   max_dist: float = DEFAULT_MAX_DIST) -> np.ndarray:
+    """Per-class boundary counts of one image, `[C, 4]` int64 (METRICS 3):
+    (matched GT pixels, GT boundary pixels, matched predicted pixels, predicted boundary pixels).
+
+    Masks are `gt == c` and `pred == c` at full resolution (void is just "not c"). Matching is
+    one-to-one, so both matched counts equal the maximum matching size k. Classes absent from
+    both maps are skipped (all zeros); each present class is cropped to the union bounding box
+    grown by ceil(r) + 2, with r from the full image's diagonal.
+    """
+    pred = np.asarray(pred)
+    gt = np.asarray(gt)
+    if pred.shape != gt.shape or pred.ndim != 2:
+        raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} must be equal 2-D shapes")
+    radius = match_radius(gt.shape, max_dist)
+    margin = int(math.ceil(radius)) + 2
+    stats = np.zeros((num_classes, 4), dtype=np.int64)
+    for c in np.flatnonzero(class_histogram(gt, num_classes) + class_histogram(pred, num_classes)):
+        mask_gt, mask_pred = gt == c, pred == c
+        rows, cols = union_crop(mask_gt, mask_pred, margin)
+        k, num_gt, num_pred = class_boundary_counts(mask_gt[rows, cols], mask_pred[rows, cols], radius)
+        stats[c] = (k, num_gt, k, num_pred)
+    return stats
+
+
+def class_histogram(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Pixels per class `[C]`; values outside [0, C) are not counted."""
+    flat = labels.ravel()
+    if flat.dtype == np.uint8:  # the usual case: a direct bincount, no mask
+        return np.bincount(flat, minlength=256)[:num_classes]
+    flat = flat[(flat >= 0) & (flat < num_classes)].astype(np.intp)
+    return np.bincount(flat, minlength=num_classes)
+
+
+def boundary_prf(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class recall, precision and F `[C]` each from summed `[C, 4]` counts (METRICS 3.5).
+
+    R = cntR / sumR, P = cntP / sumP, F = 2PR / (P + R). Like the BSDS code, an empty
+    denominator gives 0 (GT without boundary: every predicted pixel is a false positive; no
+    prediction: every GT pixel a miss) and F = 0 when P + R = 0. A class with no boundary pixel
+    on either side anywhere in the data set is NaN in all three and left out of the means.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    cnt_r, sum_r, cnt_p, sum_p = counts.T
+    recall = np.divide(cnt_r, sum_r, out=np.zeros_like(cnt_r), where=sum_r > 0)
+    precision = np.divide(cnt_p, sum_p, out=np.zeros_like(cnt_p), where=sum_p > 0)
+    f = np.divide(2 * precision * recall, precision + recall,
+                  out=np.zeros_like(recall), where=(precision + recall) > 0)
+    absent = (sum_r == 0) & (sum_p == 0)
+    for values in (recall, precision, f):
+        values[absent] = np.nan
+    return recall, precision, f
+
+
+def _boundary_task(pred: np.ndarray, gt: np.ndarray, num_classes: int, max_dist: float) -> np.ndarray:
+    """Top-level (picklable) wrapper so that worker processes can run boundary_stats."""
+    return boundary_stats(pred, gt, num_classes, max_dist)
+
+
+class BoundaryPool:
+    """boundary_stats over images in worker processes while the caller keeps predicting.
+
+    At most 4 images per worker wait in the queue, so memory stays bounded when the workers are
+    slower than the model. workers=0 runs in the calling process.
+    """
+
+    def __init__(self, num_classes: int, max_dist: float, workers: int):
+        self.num_classes, self.max_dist, self.workers = num_classes, max_dist, workers
+        self.total = np.zeros((num_classes, 4), dtype=np.int64)
+        self.pending: deque = deque()
+        self.pool = None
+        if workers > 0:
+            # fork: the children inherit the imported modules and only run numpy code.
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+            self.pool = multiprocessing.get_context(method).Pool(workers)
+
+    def add(self, pred: np.ndarray, gt: np.ndarray) -> None:
+        if self.pool is None:
+            self.total += boundary_stats(pred, gt, self.num_classes, self.max_dist)
+            return
+        self.pending.append(self.pool.apply_async(_boundary_task, (pred, gt, self.num_classes, self.max_dist)))
+        while len(self.pending) > 4 * self.workers:
+            self.total += self.pending.popleft().get()
+
+    def result(self) -> np.ndarray:
+        while self.pending:
+            self.total += self.pending.popleft().get()
+        self.close()
+        return self.total
+
+    def close(self) -> None:
+        """Stop the workers; after an error (tasks still pending) without waiting for them."""
+        if self.pool is not None:
+            if self.pending:
+                self.pool.terminate()
+                self.pending.clear()
+            else:
+                self.pool.close()
+            self.pool.join()
+            self.pool = None
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Scoring a data set
+# --------------------------------------------------------------------------------------------
+def progress_line(done: int, total: int, start: float) -> str:
+    """'[12/1449] 3.1 img/s, elapsed 0:04, ETA 7:43'."""
+    elapsed = time.perf_counter() - start
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = (total - done) / rate if rate > 0 else math.nan
+
+    def clock(seconds: float) -> str:
+        if math.isnan(seconds):
+            return "?"
+        minutes, secs = divmod(int(round(seconds)), 60)
+        hours, minutes = divmod(minutes, 60)
+        return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+    return f"[{done}/{total}] {rate:.2f} img/s, elapsed {clock(elapsed)}, ETA {clock(eta)}"
+
+
+def score_pairs(pairs: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray | None]], num_classes: int,
+                dataset_name: str, metrics: Sequence[str] = ("miou",), max_dist: float = DEFAULT_MAX_DIST,
+                workers: int = 0, total: int | None = None, progress: bool = True) -> dict[str, np.ndarray]:
+    """Accumulate the raw counts of the requested metrics over (pred, gt, instances) triples.
+
+    Returns {"confusion": [C, C + 1], "instance_sum": [C], "instance_count": [C],
+    "boundary": [C, 4], "num_images": int} (only the requested entries).
+    """
+    unknown = set(metrics) - set(METRICS)
+    if unknown:
+        raise ValueError(f"unknown metric(s) {sorted(unknown)}; choose from {METRICS}")
+    confusion = np.zeros((num_classes, num_classes + 1), dtype=np.int64)
+    inst_sum = np.zeros(num_classes, dtype=np.float64)
+    inst_count = np.zeros(num_classes, dtype=np.int64)
+    boundary = BoundaryPool(num_classes, max_dist, workers) if "boundary" in metrics else None
+    start = last_print = time.perf_counter()
+    done = 0
+    try:
+        for pred, gt, instances in pairs:
+            if pred.shape != gt.shape:
+                raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in size")
+            if "miou" in metrics:
+                add_confusion(confusion, confusion_matrix(pred, gt, num_classes))
+            if "instance" in metrics:
+                weighted, count = instance_iou_stats(pred, gt, instances, num_classes, dataset_name)
+                inst_sum += weighted
+                inst_count += count
+            if boundary is not None:
+                boundary.add(pred, gt)
+            done += 1
+            now = time.perf_counter()
+            if progress and (now - last_print > 2.0 or done == total):
+                print(progress_line(done, total or done, start), file=sys.stderr, flush=True)
+                last_print = now
+        counts = boundary.result() if boundary is not None else None
+    finally:
+        if boundary is not None:
+            boundary.close()
+    raw: dict[str, Any] = {"num_images": done}
+    if "miou" in metrics:
+        raw["confusion"] = confusion
+    if "instance" in metrics:
+        raw["instance_sum"], raw["instance_count"] = inst_sum, inst_count
+    if counts is not None:
+        raw["boundary"] = counts
+    return raw
+
+
+def summarize(raw: dict[str, Any], class_names: Sequence[str], dataset_name: str,
+              settings: dict[str, Any]) -> dict[str, Any]:
+    """Results dict: per-class lists (fractions in [0, 1], NaN for absent classes) and means."""
+    results: dict[str, Any] = {"dataset": dataset_name, "num_images": raw["num_images"],
+                               "class_names": list(class_names), "settings": settings}
+    if "confusion" in raw:
+        per_class, mean = miou(raw["confusion"])
+        results["iou"] = per_class.tolist()
+        results["miou"] = mean
+        results["pixel_acc"] = pixel_accuracy(raw["confusion"])
+        results["confusion"] = raw["confusion"].tolist()
+    if "instance_sum" in raw:
+        per_class, mean = instance_miou(raw["instance_sum"], raw["instance_count"])
+        results["instance_iou"] = per_class.tolist()
+        results["instance_miou"] = mean
+        results["instance_count"] = raw["instance_count"].tolist()
+    if "boundary" in raw:
+        recall, precision, f = boundary_prf(raw["boundary"])
+        results["boundary"] = {
+            "recall": recall.tolist(), "precision": precision.tolist(), "f": f.tolist(),
+            "mean_recall": nanmean(recall), "mean_precision": nanmean(precision), "mean_f": nanmean(f),
+            "counts": raw["boundary"].tolist(),  # per class: cntR, sumR, cntP, sumP
+        }
+    return results
+
+
+def compact_labels(labels: Any) -> np.ndarray:
+    """A label map as uint8 when its values fit (8x less to send to the boundary workers, and
+    faster per-class masks), else int64."""
+    labels = np.asarray(labels)
+    if labels.dtype == np.uint8:
+        return labels
+    if labels.size and 0 <= labels.min() and labels.max() <= 255:
+        return labels.astype(np.uint8)
+    return labels.astype(np.int64)
+
+
+def sample_arrays(sample: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
+    """(gt [H, W], instances [H, W] int64 or None) of a data set sample."""
+    instances = sample.get("instance")
+    return compact_labels(sample["label"]), (None if instances is None else np.asarray(instances).astype(np.int64))
+
+
+def save_prediction(save_dir: str | os.PathLike, name: str, pred: np.ndarray, palette) -> None:
+    """Write `<save_dir>/<name>.png` as a palette PNG (the format --pred-dir reads back)."""
+    path = Path(save_dir) / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data.save_label_png(path, pred.astype(np.uint8), palette)
+
+
+def evaluate_model(model: torch.nn.Module, dataset, dataset_name: str, metrics: Sequence[str] = ("miou",),
+                   crop_size: int | None = None, stride: int | None = None, scales: Sequence[float] = (1.0,),
+                   flip: bool = False, max_dist: float = DEFAULT_MAX_DIST, device: str | torch.device = "cpu",
+                   workers: int = 0, save_pred: str | os.PathLike | None = None,
+                   progress: bool = True) -> dict[str, Any]:
+    """Predict every image of `dataset` (full images, train=False) and score the predictions.
+
+    crop_size / stride default to the data set's evaluation window (data.DatasetInfo.eval_crop,
+    eval_stride). `workers` processes compute the boundary metric while the model predicts.
+    Returns the `summarize` dict: "iou"/"miou"/"pixel_acc", "instance_iou"/"instance_miou",
+    "boundary" {"recall", "precision", "f", "mean_*"} for the requested metrics.
+    """
+    info = data.dataset_info(dataset_name)
+    crop_size = crop_size or info.eval_crop
+    stride = stride or info.eval_stride
+    model = model.to(device)
+
+    def pairs() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+        for index in range(len(dataset)):
+            sample = dataset[index]
+            gt, instances = sample_arrays(sample)
+            image = torch.as_tensor(sample["image"]).to(device)
+            probs = infer.predict(model, image, crop_size, stride, scales=scales, flip=flip)
+            pred = probs.argmax(dim=0).to(torch.uint8).cpu().numpy()  # [H, W]
+            if save_pred is not None:
+                save_prediction(save_pred, sample["name"], pred, info.palette)
+            yield pred, gt, instances
+
+    raw = score_pairs(pairs(), info.num_classes, dataset_name, metrics, max_dist, workers,
+                      total=len(dataset), progress=progress)
+    settings = {"crop_size": crop_size, "stride": stride, "scales": list(scales), "flip": flip,
+                "max_dist": max_dist}
+    return summarize(raw, info.class_names, dataset_name, settings)
+
+
+def evaluate_predictions(pred_dir: str | os.PathLike, dataset, dataset_name: str,
+                         metrics: Sequence[str] = ("miou",), max_dist: float = DEFAULT_MAX_DIST,
+                         workers: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Score saved label PNGs `<pred_dir>/<sample name>.png` (palette indices = class ids)."""
+    info = data.dataset_info(dataset_name)
+    pred_dir = Path(pred_dir)
+    if not pred_dir.is_dir():
+        raise FileNotFoundError(f"--pred-dir {pred_dir} is not a folder")
+
+    def pairs() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+        for index in range(len(dataset)):
+            sample = dataset[index]
+            path = pred_dir / f"{sample['name']}.png"
+            if not path.is_file():
+                raise FileNotFoundError(f"no prediction for {sample['name']}: {path} is missing")
+            gt, instances = sample_arrays(sample)
+            yield compact_labels(data.read_label(path)), gt, instances
+
+    raw = score_pairs(pairs(), info.num_classes, dataset_name, metrics, max_dist, workers,
+                      total=len(dataset), progress=progress)
+    return summarize(raw, info.class_names, dataset_name, {"pred_dir": str(pred_dir), "max_dist": max_dist})
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Reports: tables like the paper's, JSON, learned field sizes (Fig. 3)
+# --------------------------------------------------------------------------------------------
+def format_table(class_names: Sequence[str], rows: Sequence[tuple[str, Sequence[float], float]],
+                 fmt: Callable[[float], str], mean_label: str = "mean") -> str:
+    """One column per class plus the mean, one row per measurement (paper Tables 2-4, 6-9)."""
+    headers = [str(name) for name in class_names] + [mean_label]
+    cells = [[fmt(v) for v in values] + [fmt(mean)] for _, values, mean in rows]
+    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(headers)]
+    label_width = max(len("metric"), *(len(label) for label, _, _ in rows))
+    lines = ["  ".join([f"{'metric':<{label_width}}"] + [f"{h:>{w}}" for h, w in zip(headers, widths)])]
+    for (label, _, _), row in zip(rows, cells):
+        lines.append("  ".join([f"{label:<{label_width}}"] + [f"{c:>{w}}" for c, w in zip(row, widths)]))
+    return "\n".join(lines)
+
+
+def _percent(value: float) -> str:
+    return "-" if value is None or math.isnan(value) else f"{100 * value:.2f}"
+
+
+def _fraction(value: float) -> str:  # the paper prints boundary recall as .527
+    return "-" if value is None or math.isnan(value) else f"{value:.3f}".lstrip("0") if value < 1 else f"{value:.3f}"
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """Tables of the computed metrics; '-' marks a class that never occurs (NaN)."""
+    names = results["class_names"]
+    parts = [f"{results['dataset']}: {results['num_images']} images, settings {results['settings']}"]
+    if "iou" in results:
+        parts.append("mIoU (%), paper Tables 2, 6, 9\n" + format_table(
+            names, [("IoU", results["iou"], results["miou"])], _percent, "mIoU"))
+        parts.append(f"pixel accuracy: {_percent(results['pixel_acc'])} %")
+    if "instance_iou" in results:
+        parts.append("instance-wise mIoU (%), paper Tables 3, 7\n" + format_table(
+            names, [("inst. IoU", results["instance_iou"], results["instance_miou"])], _percent,
+            "instance mIoU"))
+    if "boundary" in results:
+        b = results["boundary"]
+        parts.append(f"boundary (max_dist {results['settings'].get('max_dist')}), paper Tables 4, 8\n"
+                     + format_table(names, [("recall", b["recall"], b["mean_recall"]),
+                                            ("precision", b["precision"], b["mean_precision"]),
+                                            ("F", b["f"], b["mean_f"])], _fraction, "mean"))
+    return "\n\n".join(parts)
+
+
+def json_ready(obj: Any) -> Any:
+    """NaN -> None (JSON has no NaN), numpy scalars -> Python numbers, recursively."""
+    if isinstance(obj, dict):
+        return {key: json_ready(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(value) for value in obj]
+    if isinstance(obj, (np.floating, float)):
+        return None if math.isnan(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def write_json(results: dict[str, Any], path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(json_ready(results), indent=1) + "\n")
+
+
+def kernel_sizes_of_checkpoint(ckpt: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Paper Fig. 3: learned field size per class, sum_k softmax(logits)[c, k] * k, for the
+    (edge, non-edge) terms of an AAF checkpoint (`ckpt["aaf"]` = AdaptiveAffinityFieldLoss
+    state dict)."""
+    import losses  # only this report needs the loss module
+
+    if not ckpt.get("aaf"):
+        raise ValueError("this checkpoint has no AAF weights (ckpt['aaf'] is empty): train with the AAF loss")
+    meta = ckpt["meta"]
+    aaf = losses.AdaptiveAffinityFieldLoss(meta["num_classes"], kernel_sizes=tuple(meta["kernel_sizes"]))
+    aaf.load_state_dict(ckpt["aaf"], strict=True)
+    with torch.no_grad():
+        edge, nonedge = aaf.kernel_size_per_class()
+    return edge.cpu().numpy(), nonedge.cpu().numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Command line
+# --------------------------------------------------------------------------------------------
+def usable_cpus() -> int:
+    """Cores this process may run on (the affinity mask, which containers restrict)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", help="checkpoint of train.py (not needed with --pred-dir)")
+    parser.add_argument("--pred-dir", help="score saved label PNGs <pred-dir>/<name>.png instead of a model")
+    parser.add_argument("--dataset", help="voc, cityscapes, gta5, camvid, synthetic (default: the checkpoint's)")
+    parser.add_argument("--data-root", help="data set folder (not needed for synthetic)")
+    parser.add_argument("--split", help="split to score (default: the data set's validation split)")
+    parser.add_argument("--metric", default="miou", choices=["miou", "instance", "boundary", "all", "kernels"])
+    parser.add_argument("--scales", type=float, nargs="+", help="test scales (default: the data set's)")
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                        help="also predict the mirrored image (default: the data set's)")
+    parser.add_argument("--crop-size", type=int, help="sliding-window size (default: the data set's)")
+    parser.add_argument("--stride", type=int, help="sliding-window stride (default: the data set's)")
+    parser.add_argument("--max-dist", type=float, default=DEFAULT_MAX_DIST,
+                        help="boundary tolerance as a fraction of the image diagonal")
+    parser.add_argument("--save-pred", help="also write the predicted label PNGs to this folder")
+    parser.add_argument("--workers", type=int, default=usable_cpus(),
+                        help="processes for the boundary metric (0: in the main process; default: all cores)")
+    parser.add_argument("--length", type=int, help="number of images of the synthetic data set")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", help="where to write the results (default: beside the checkpoint "
+                                       "or in --pred-dir, eval_<dataset>_<split>_<metric>.json)")
+    return parser
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    if args.metric == "kernels":
+        return print_kernels(args)
+    if (args.ckpt is None) == (args.pred_dir is None):
+        raise SystemExit("give exactly one of --ckpt (predict with a model) and --pred-dir (score saved PNGs)")
+    model, ckpt = None, None
+    if args.ckpt is not None:
+        import model as model_lib  # the model stage, only needed when predicting
+
+        try:
+            model, ckpt = model_lib.load_checkpoint(args.ckpt, map_location=args.device)
+        except (FileNotFoundError, ValueError) as error:
+            raise SystemExit(str(error)) from None
+        dataset_name = args.dataset or ckpt["meta"].get("dataset")
+        if dataset_name is None:
+            raise SystemExit("--dataset is needed (the checkpoint does not name one)")
+        info = data.dataset_info(dataset_name)
+        if info.num_classes != ckpt["meta"]["num_classes"]:
+            raise SystemExit(f"{args.ckpt} predicts {ckpt['meta']['num_classes']} classes but {dataset_name} "
+                             f"has {info.num_classes}")
+    else:
+        if args.dataset is None:
+            raise SystemExit("--dataset is needed with --pred-dir")
+        dataset_name = args.dataset
+        info = data.dataset_info(dataset_name)
+    split = args.split or info.val_split
+    dataset = data.build_dataset(dataset_name, args.data_root, split, train=False, length=args.length)
+    metrics = METRICS if args.metric == "all" else (args.metric,)
+    if model is not None:
+        scales = tuple(args.scales or info.eval_scales)
+        flip = info.eval_flip if args.flip is None else args.flip
+        trained_on = ckpt["meta"].get("dataset")
+        if trained_on and trained_on != dataset_name:
+            print(f"cross-domain: a {trained_on} model on {dataset_name} (paper Table 9)", file=sys.stderr)
+        results = evaluate_model(model, dataset, dataset_name, metrics, args.crop_size, args.stride, scales,
+                                 flip, args.max_dist, args.device, args.workers, args.save_pred)
+        results["checkpoint"] = str(args.ckpt)
+        default_json = Path(args.ckpt).parent / f"eval_{dataset_name}_{split}_{args.metric}.json"
+    else:
+        results = evaluate_predictions(args.pred_dir, dataset, dataset_name, metrics, args.max_dist, args.workers)
+        default_json = Path(args.pred_dir) / f"eval_{dataset_name}_{split}_{args.metric}.json"
+    results["split"] = split
+    print(format_results(results))
+    json_path = Path(args.json) if args.json else default_json
+    write_json(results, json_path)
+    print(f"\nresults written to {json_path}")
+    return results
+
+
+def print_kernels(args: argparse.Namespace) -> dict[str, Any]:
+    """`--metric kernels`: the learned edge / non-edge field size per class (paper Fig. 3)."""
+    if args.ckpt is None:
+        raise SystemExit("--metric kernels needs --ckpt (an AAF checkpoint)")
+    if not os.path.isfile(args.ckpt):
+        raise SystemExit(f"checkpoint not found: {args.ckpt}")
+    ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+    try:
+        edge, nonedge = kernel_sizes_of_checkpoint(ckpt)
+    except ValueError as error:
+        raise SystemExit(f"{args.ckpt}: {error}") from None
+    names = ckpt["meta"].get("class_names") or [str(c) for c in range(len(edge))]
+    print(f"learned affinity field size per class, sum_k w[c,k] * k over k in {list(ckpt['meta']['kernel_sizes'])}"
+          " (paper Fig. 3)")
+    print(format_table(names, [("edge", edge, float(edge.mean())), ("non-edge", nonedge, float(nonedge.mean()))],
+                       lambda v: f"{v:.2f}"))
+    return {"class_names": list(names), "edge": edge.tolist(), "nonedge": nonedge.tolist()}
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except (FileNotFoundError, data.DatasetError) as error:  # a wrong path: one line, no traceback
+        raise SystemExit(f"evaluate.py: {error}") from None
