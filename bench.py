@@ -160,11 +160,191 @@ def bench_losses(args: argparse.Namespace) -> None:
 
 
 def bench_train(args: argparse.Namespace) -> None:
-    raise SystemExit("bench train: not written yet")
+    """Median time of one whole training iteration (train.train_step: forward, losses, backward,
+    SGD steps) with CE, Affinity and AAF on the same batch, the three interleaved iteration by
+    iteration so that a change in machine load hits all alike. CPU: the demo preset (tiny PSPNet,
+    synthetic 128 px crops, batch 8, float32). GPU: PSPNet-ResNet-101, 336 px crops, batch 8,
+    bf16, channels-last, plus model FLOP utilisation (FLOPs of one iteration by FlopCounterMode)."""
+    import statistics
+    import time
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    import data
+    import train
+
+    peak_flops = 989e12  # NVIDIA's H100 SXM dense bf16 peak (the H200 has the same tensor cores)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        preset = ["--dataset", "voc", "--backbone", "resnet101", "--pretrained", "none", "--crop-size", "336",
+                  "--batch-size", "8", "--amp"]
+    else:
+        preset = ["--dataset", "synthetic", "--backbone", "tiny"]
+    warmup = 10 if cuda else 2
+    losses = ("ce", "affinity", "aaf")
+
+    runs = {}  # loss -> (parts, args)
+    for loss in losses:
+        step_args, info = train.resolve_args(train.get_args_parser().parse_args(preset + ["--loss", loss]))
+        torch.manual_seed(0)
+        runs[loss] = (train.build_parts(step_args, info, device, train.Dist()), step_args)
+    # Realistic label maps: one batch of synthetic street scenes (on VOC's 21 classes, 8 occur).
+    dataset = data.build_dataset("synthetic", None, "train", train=True, crop_size=step_args.crop_size)
+    dataset.set_epoch(0)
+    samples = [dataset[i] for i in range(step_args.batch_size)]
+    batch = train.batch_to_device({"image": torch.stack([s["image"] for s in samples]),
+                                   "label": torch.stack([s["label"] for s in samples])}, device)
+
+    for parts, step_args in runs.values():
+        parts.model.train()
+        for step in range(warmup):
+            train.train_step(parts, *batch, step, step_args)
+    times = {loss: [] for loss in losses}
+    for step in range(warmup, warmup + args.repeats):
+        for loss, (parts, step_args) in runs.items():
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            train.train_step(parts, *batch, step, step_args)  # reads the losses back: synchronised
+            if cuda:
+                torch.cuda.synchronize()
+            times[loss].append(time.perf_counter() - t0)
+    flops = {}
+    for loss, (parts, step_args) in runs.items():
+        with FlopCounterMode(display=False) as counter:
+            train.train_step(parts, *batch, warmup + args.repeats, step_args)
+        flops[loss] = counter.get_total_flops()
+
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
+    setting = ("PSPNet-ResNet-101, 336 px crops, batch 8, bf16 autocast, channels-last" if cuda
+               else "PSPNet-tiny, synthetic 128 px crops, batch 8, float32")
+    print(f"bench train on {name}: {setting}; median of {args.repeats} iterations after {warmup} warm-up")
+    print(f"{'loss':<10}{'ms/iter':>10}{'images/s':>10}{'x CE':>8}{'TFLOP/iter':>12}" + ("   MFU" if cuda else ""))
+    median = {loss: statistics.median(t) for loss, t in times.items()}
+    for loss in losses:
+        seconds = median[loss]
+        line = (f"{loss:<10}{1e3 * seconds:>10.1f}{step_args.batch_size / seconds:>10.1f}"
+                f"{seconds / median['ce']:>8.3f}{flops[loss] / 1e12:>12.4f}")
+        if cuda:
+            line += f"{100 * flops[loss] / seconds / peak_flops:>6.1f}%"
+        print(line)
+    print(f"AAF overhead over CE: {100 * (median['aaf'] / median['ce'] - 1):+.1f}% per iteration "
+          "(issue target <= 3% on GPU)")
+    if cuda:
+        print(f"MFU = FlopCounterMode FLOPs of one iteration (forward + backward) / time / "
+              f"{peak_flops / 1e12:.0f} TFLOP/s (H100 bf16 dense peak; target >= 35%)")
 
 
 def bench_eval(args: argparse.Namespace) -> None:
-    raise SystemExit("bench eval: not written yet")
+    """Boundary metric (evaluate.boundary_stats) over 1449 VOC-sized synthetic pairs, all cores.
+
+    Pairs: 500x375, 21 classes; ground truth = background plus 1-3 object classes as smooth
+    random blobs, with VOC's 255 band (5 px) along every class change; prediction = the clean
+    map warped by a smooth random displacement (std about 2-3 px, tails beyond the 4.7 px
+    tolerance: boundaries move, thin parts break), plus a wrongly classified region in a third
+    of the images. Each worker process generates and scores its share; generation is timed
+    apart from the metric (CPU time per process, so a busy machine does not inflate it). A
+    class-image is one class present in the prediction or the ground truth of one image.
+    """
+    import multiprocessing
+    import os
+    import time
+
+    import numpy as np
+
+    import evaluate
+
+    num_images, height, width, num_classes = 1449, 375, 500, 21
+    workers = evaluate.usable_cpus()
+
+    def smooth_field(rng: np.random.Generator, cells: tuple[int, int]) -> np.ndarray:
+        # [height, width] smooth noise: coarse Gaussian noise, bilinearly interpolated rows then
+        # columns with gathers (no BLAS call: its threads would fight the worker processes).
+        def lerp(values: np.ndarray, n: int, axis: int) -> np.ndarray:
+            k = values.shape[axis]
+            pos = np.linspace(0, k - 1, n, dtype=np.float32)
+            low = np.minimum(pos.astype(int), k - 2)
+            frac = pos - low
+            shape = (n, 1) if axis == 0 else (1, n)
+            return (np.take(values, low, axis) * (1 - frac).reshape(shape)
+                    + np.take(values, low + 1, axis) * frac.reshape(shape))
+        return lerp(lerp(rng.standard_normal(cells, dtype=np.float32), height, 0), width, 1)
+
+    rows, cols = np.mgrid[:height, :width].astype(np.float32)
+
+    def make_pair(index: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(index)
+        clean = np.zeros((height, width), np.uint8)  # background 0
+        for cls in rng.choice(np.arange(1, num_classes), size=rng.integers(1, 4), replace=False):
+            blob = smooth_field(rng, (int(rng.integers(3, 7)), int(rng.integers(4, 9))))
+            clean[blob > rng.uniform(0.6, 1.4)] = cls
+        # Prediction: the clean map sampled at smoothly displaced positions.
+        ys = np.clip(np.rint(rows + 3 * smooth_field(rng, (8, 10))), 0, height - 1).astype(np.intp)
+        xs = np.clip(np.rint(cols + 3 * smooth_field(rng, (8, 10))), 0, width - 1).astype(np.intp)
+        pred = clean[ys, xs]
+        if rng.random() < 1 / 3:  # a confused region: part of an object takes another class
+            pred = pred.copy()
+            pred[smooth_field(rng, (4, 5)) > 1.5] = rng.integers(0, num_classes)
+        # Ground truth: VOC marks a band of about 5 px along object outlines as void (255):
+        # the class changes, grown twice by their 4-neighbours (city-block distance <= 2).
+        band = np.zeros((height, width), bool)
+        band[:, 1:] |= clean[:, 1:] != clean[:, :-1]
+        band[1:, :] |= clean[1:, :] != clean[:-1, :]
+        for _ in range(2):
+            grown = band.copy()
+            grown[1:] |= band[:-1]
+            grown[:-1] |= band[1:]
+            grown[:, 1:] |= band[:, :-1]
+            grown[:, :-1] |= band[:, 1:]
+            band = grown
+        gt = clean.copy()
+        gt[band] = 255
+        return pred, gt
+
+    def work(indices: range, queue) -> None:  # runs in a forked child
+        counts = np.zeros((num_classes, 4), np.int64)
+        gen_time = metric_time = 0.0
+        class_images = 0
+        for index in indices:  # CPU time of this process: fair on a shared machine
+            t0 = time.process_time()
+            pred, gt = make_pair(index)
+            t1 = time.process_time()
+            stats = evaluate.boundary_stats(pred, gt, num_classes)
+            metric_time += time.process_time() - t1
+            gen_time += t1 - t0
+            counts += stats
+            class_images += int(np.count_nonzero(stats[:, 1] + stats[:, 3] > 0))
+        queue.put((counts, gen_time, metric_time, class_images))
+
+    # fork: the children get the local functions above without pickling them (Linux/macOS).
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    load = os.getloadavg()[0]  # other jobs on the machine make the wall time longer
+    start = time.perf_counter()
+    procs = [ctx.Process(target=work, args=(range(k, num_images, workers), queue)) for k in range(workers)]
+    for proc in procs:
+        proc.start()
+    parts = [queue.get() for _ in procs]
+    for proc in procs:
+        proc.join()
+    wall = time.perf_counter() - start
+    counts = sum(part[0] for part in parts)
+    gen_time = sum(part[1] for part in parts)
+    metric_time = sum(part[2] for part in parts)
+    class_images = sum(part[3] for part in parts)
+    recall, precision, f = evaluate.boundary_prf(counts)
+    print(f"boundary metric, {num_images} synthetic {width}x{height} pairs, {num_classes} classes, "
+          f"max_dist {evaluate.DEFAULT_MAX_DIST} (r = {evaluate.match_radius((height, width)):.2f} px), "
+          f"{workers} worker processes")
+    print(f"wall time {wall:.1f} s (generation included; limit 60 s; load average {load:.1f} at start on "
+          f"{workers} cores)")
+    print(f"CPU time: metric {metric_time:.1f} s, generation {gen_time:.1f} s; on an idle machine "
+          f"about {(metric_time + gen_time) / workers:.1f} s wall, metric alone {metric_time / workers:.1f} s")
+    print(f"{class_images} class-images: {1e3 * metric_time / class_images:.2f} ms CPU per class-image, "
+          f"{1e3 * metric_time / num_images:.1f} ms CPU per image")
+    print(f"sanity: mean recall {evaluate.nanmean(recall):.3f}, precision {evaluate.nanmean(precision):.3f}, "
+          f"F {evaluate.nanmean(f):.3f}")
 
 
 def get_args_parser() -> argparse.ArgumentParser:

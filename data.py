@@ -226,7 +226,7 @@ DATASETS: dict[str, DatasetInfo] = {
         name="synthetic", num_classes=len(SYNTHETIC_CLASSES), class_names=SYNTHETIC_CLASSES,
         palette=SYNTHETIC_PALETTE, splits=tuple(SYNTHETIC_SPLIT_SEEDS), train_split="train",
         val_split="val", crop_size=SYNTHETIC_SIZE[0], loss_lambda=1.0, kernel_sizes=(3, 5, 7),
-        iters=3000, batch_size=8, lr=2e-2,
+        iters=1500, batch_size=8, lr=2e-2,
         eval_crop=SYNTHETIC_SIZE[0], eval_stride=SYNTHETIC_SIZE[0] * 3 // 4,
         eval_scales=(1.0,), eval_flip=False, has_instances=True,
         layout="generated on the fly (root is ignored)",
