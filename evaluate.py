@@ -817,19 +817,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("give exactly one of --ckpt (predict with a model) and --pred-dir (score saved PNGs)")
     model, ckpt = None, None
     if args.ckpt is not None:
-        import model as model_lib  # the model stage, only needed when predicting
-
-        try:
-            model, ckpt = model_lib.load_checkpoint(args.ckpt, map_location=args.device)
-        except (FileNotFoundError, ValueError) as error:
-            raise SystemExit(str(error)) from None
-        dataset_name = args.dataset or ckpt["meta"].get("dataset")
-        if dataset_name is None:
-            raise SystemExit("--dataset is needed (the checkpoint does not name one)")
-        info = data.dataset_info(dataset_name)
-        if info.num_classes != ckpt["meta"]["num_classes"]:
-            raise SystemExit(f"{args.ckpt} predicts {ckpt['meta']['num_classes']} classes but {dataset_name} "
-                             f"has {info.num_classes}")
+        model, ckpt, dataset_name, info = infer.load_for_inference(args.ckpt, args.dataset, args.device)
     else:
         if args.dataset is None:
             raise SystemExit("--dataset is needed with --pred-dir")

@@ -45,7 +45,7 @@ EXPERIMENTS = {
         "train": ["--dataset", "camvid", "--backbone", "tiny", "--pretrained", "none",
                   "--crop-size", "192", "--lr", "0.02", "--iters", "1000"],
         "eval": [],
-        "thin": ("Pole", "SignSymbol", "Fence", "Pedestrian", "Bicyclist"),
+        "thin": ("pole", "signsymbol", "fence", "pedestrian", "bicyclist"),
     },
 }
 

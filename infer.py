@@ -182,17 +182,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(args: argparse.Namespace) -> None:
+def load_for_inference(ckpt_path: str, dataset: str | None, device: str):
+    """(model, ckpt, dataset name, DatasetInfo) for a checkpoint; a bad file or a data set whose
+    class count differs from the checkpoint's is a one-line SystemExit (used by evaluate.py too)."""
     import model as model_lib  # loading checkpoints belongs to the model stage
 
     try:
-        model, ckpt = model_lib.load_checkpoint(args.ckpt, map_location=args.device)
+        model, ckpt = model_lib.load_checkpoint(ckpt_path, map_location=device)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(str(error)) from None
-    dataset_name = args.dataset or ckpt["meta"].get("dataset")
+    dataset_name = dataset or ckpt["meta"].get("dataset")
     if dataset_name is None:
         raise SystemExit("--dataset is needed (the checkpoint does not name its data set)")
     info = data.dataset_info(dataset_name)
+    if info.num_classes != ckpt["meta"]["num_classes"]:
+        raise SystemExit(f"{ckpt_path} predicts {ckpt['meta']['num_classes']} classes but {dataset_name} "
+                         f"has {info.num_classes}")
+    return model, ckpt, dataset_name, info
+
+
+def main(args: argparse.Namespace) -> None:
+    model, ckpt, dataset_name, info = load_for_inference(args.ckpt, args.dataset, args.device)
     crop_size = args.crop_size or info.eval_crop
     stride = args.stride or info.eval_stride
     scales = tuple(args.scales or info.eval_scales)
