@@ -662,6 +662,12 @@ def _voc_records(info: DatasetInfo, root: Path, split: str) -> list[Record]:
     return _uniform_instances(records)
 
 
+def image_name(path: str | os.PathLike) -> str:
+    """The sample name of an image file as the data sets name it (file stem; Cityscapes' `_leftImg8bit`
+    suffix dropped), so label PNGs written by infer.py are found by `evaluate.py --pred-dir`."""
+    return Path(path).stem.removesuffix("_leftImg8bit")
+
+
 def _cityscapes_records(info: DatasetInfo, root: Path, split: str) -> list[Record]:
     images_dir = root / "leftImg8bit" / split
     labels_dir = root / "gtFine" / split
@@ -671,7 +677,7 @@ def _cityscapes_records(info: DatasetInfo, root: Path, split: str) -> list[Recor
     suffix = "_leftImg8bit.png"
     records = []
     for image in sorted(images_dir.glob(f"*/*{suffix}")):
-        stem = image.name[: -len(suffix)]
+        stem = image_name(image)
         gt = labels_dir / image.parent.name
         records.append(Record(stem, image, gt / f"{stem}_gtFine_labelIds.png", gt / f"{stem}_gtFine_instanceIds.png"))
     return _uniform_instances(records)

@@ -851,12 +851,12 @@ def print_kernels(args: argparse.Namespace) -> dict[str, Any]:
     """`--metric kernels`: the learned edge / non-edge field size per class (paper Fig. 3)."""
     if args.ckpt is None:
         raise SystemExit("--metric kernels needs --ckpt (an AAF checkpoint)")
-    if not os.path.isfile(args.ckpt):
-        raise SystemExit(f"checkpoint not found: {args.ckpt}")
-    ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+    import model as model_lib  # checkpoint loading (one-line errors for missing or corrupt files)
+
     try:
+        _, ckpt = model_lib.load_checkpoint(args.ckpt)
         edge, nonedge = kernel_sizes_of_checkpoint(ckpt)
-    except ValueError as error:
+    except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"{args.ckpt}: {error}") from None
     names = ckpt["meta"].get("class_names") or [str(c) for c in range(len(edge))]
     print(f"learned affinity field size per class, sum_k w[c,k] * k over k in {list(ckpt['meta']['kernel_sizes'])}"
@@ -869,5 +869,5 @@ def print_kernels(args: argparse.Namespace) -> dict[str, Any]:
 if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
-    except (FileNotFoundError, data.DatasetError) as error:  # a wrong path: one line, no traceback
+    except (FileNotFoundError, ValueError, data.DatasetError) as error:  # bad path or file: one line
         raise SystemExit(f"evaluate.py: {error}") from None

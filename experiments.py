@@ -69,11 +69,16 @@ def run_one(name: str, method: str, seed: int, args: argparse.Namespace) -> dict
     resume = folder / "last.pt"
     if resume.exists() and not (folder / "model.pt").exists():
         train_cmd += ["--resume", str(resume)]                 # continue an interrupted run
-    t0 = time.time()
+    # Training wall time, accumulated over interrupted-and-resumed invocations (the part of an
+    # invocation that was killed before its last checkpoint is not counted).
+    timing = folder / "train_seconds.json"
+    train_s = json.loads(timing.read_text()) if timing.exists() else 0.0
     if not (folder / "model.pt").exists():
         print("$", " ".join(train_cmd), flush=True)
+        t0 = time.time()
         subprocess.run(train_cmd, check=True, cwd=ROOT)
-    train_s = time.time() - t0
+        train_s += time.time() - t0
+        timing.write_text(json.dumps(train_s))
     eval_json = folder / "eval_all.json"
     eval_cmd = [sys.executable, str(ROOT / "evaluate.py"), "--ckpt", str(folder / "model.pt"), "--metric", "all",
                 *common, *exp["eval"], "--json", str(eval_json)]

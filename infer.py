@@ -154,7 +154,8 @@ def list_images(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        images = sorted(p for p in path.iterdir() if p.suffix.lower() in data.IMAGE_EXTENSIONS)
+        # Recursive: Cityscapes keeps its images in one folder per city.
+        images = sorted(p for p in path.rglob("*") if p.suffix.lower() in data.IMAGE_EXTENSIONS)
         if images:
             return images
         raise SystemExit(f"no images ({', '.join(data.IMAGE_EXTENSIONS)}) in {path}")
@@ -218,9 +219,10 @@ def main(args: argparse.Namespace) -> None:
         image = torch.from_numpy(data.normalize(rgb, info.mean, info.std))  # [3, H, W] float32
         probs = predict(model, image, crop_size, stride, scales=scales, flip=flip)
         label = probs.argmax(dim=0).to(torch.uint8).cpu().numpy()  # [H, W]
-        data.save_label_png(out / f"{path.stem}.png", label, palette)
-        Image.fromarray(overlay(rgb, label, palette)).save(out / f"{path.stem}_overlay.png")
-        print(f"{path} -> {out / (path.stem + '.png')}", file=sys.stderr)
+        name = data.image_name(path)                     # the name evaluate.py --pred-dir looks for
+        data.save_label_png(out / f"{name}.png", label, palette)
+        Image.fromarray(overlay(rgb, label, palette)).save(out / f"{name}_overlay.png")
+        print(f"{path} -> {out / (name + '.png')}", file=sys.stderr)
 
 
 if __name__ == "__main__":

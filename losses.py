@@ -35,20 +35,30 @@ KL_CLIP = 1e-4
 # --------------------------------------------------------------------------------------------
 # Labels
 # --------------------------------------------------------------------------------------------
+# The paper's networks give logits at output stride 8 (SPEC 1).
+OUTPUT_STRIDE = 8
+
+
 def downsample_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Nearest pick of a label map ``[B, H, W]`` to ``size = (h, w)``: out[i, j] = labels[s*i, s*j].
 
-    The stride is s = ceil(H / h), so a crop of any size H gives the pixels the stride-8 network
-    sees: ``labels[:, ::8, ::8]`` when H is a multiple of 8, and still ceil(H/8) rows otherwise.
+    When H and W are multiples of h and w, s = H / h (``labels[:, ::8, ::8]`` for a stride-8
+    network on a crop whose side is a multiple of 8). Otherwise the stride cannot be read off the
+    sizes (a 15-pixel side and 2 logits fit any s from 8 to 14), so s is the paper's output stride
+    8, and the logits must then number ceil(H / 8) -- what a stride-8 network gives for any H.
     """
     h, w = size
     H, W = labels.shape[-2:]
     if (H, W) == (h, w):
         return labels
-    sy, sx = -(-H // h), -(-W // w)
+    if H % h == 0 and W % w == 0:
+        sy, sx = H // h, W // w
+    else:
+        sy = sx = OUTPUT_STRIDE
     out = labels[..., ::sy, ::sx]
     if out.shape[-2:] != (h, w):
-        raise ValueError(f"labels of size {H}x{W} cannot be picked down to the logits' {h}x{w}")
+        raise ValueError(f"labels of size {H}x{W} do not match logits of size {h}x{w}: expected the same size, "
+                         f"an integer multiple, or ceil(H/{OUTPUT_STRIDE}) x ceil(W/{OUTPUT_STRIDE})")
     return out
 
 

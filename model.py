@@ -288,11 +288,12 @@ class SegmentationModel(nn.Module):
 
 
 def build_model(arch: str, num_classes: int, backbone: str = "resnet101",
-                pretrained: str | os.PathLike | None = None) -> SegmentationModel:
+                pretrained: str | os.PathLike | None = None, verbose: bool = True) -> SegmentationModel:
     """PSPNet or FCN on a dilated ResNet (SPEC 5); logits `[B, C, ceil(H/8), ceil(W/8)]`.
 
     pretrained: None (random init), "imagenet" (torchvision's ImageNet file, read from the
     torch hub cache, never downloaded here), or a path to a torchvision ResNet state dict.
+    verbose: print what was loaded (train.py passes False on every rank but 0).
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
@@ -300,7 +301,9 @@ def build_model(arch: str, num_classes: int, backbone: str = "resnet101",
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     model = SegmentationModel(arch, num_classes, backbone)
     if pretrained is not None:
-        print(load_backbone_weights(model.backbone, pretrained, backbone), flush=True)
+        report = load_backbone_weights(model.backbone, pretrained, backbone)
+        if verbose:
+            print(report, flush=True)
     return model
 
 

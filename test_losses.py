@@ -1094,3 +1094,15 @@ def test_affinity_hand_written_backward_passes_gradcheck():
         return edge, nonedge
 
     assert torch.autograd.gradcheck(sums, (prob,), eps=1e-6, atol=1e-7)
+
+
+def test_downsample_labels_picks_stride_8_for_sides_not_multiple_of_8():
+    """A stride-8 network gives ceil(H/8) logits for any H; label pixel (8i, 8j) belongs to logit (i, j)."""
+    for H, W in [(17, 23), (41, 50), (55, 33), (57, 60), (9, 31)]:
+        h, w = -(-H // 8), -(-W // 8)
+        labels = torch.arange(H * W).view(1, H, W)
+        out = losses.downsample_labels(labels, (h, w))
+        expected = torch.tensor([[[(8 * i) * W + 8 * j for j in range(w)] for i in range(h)]])
+        assert torch.equal(out, expected), (H, W)
+    with pytest.raises(ValueError):
+        losses.downsample_labels(torch.zeros(1, 20, 20, dtype=torch.long), (6, 6))   # 6 divides not 20, ceil(20/8) = 3

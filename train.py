@@ -384,7 +384,8 @@ def build_parts(args: argparse.Namespace, info: data.DatasetInfo, device: torch.
                 init: dict | None = None) -> Parts:
     """Model (+ `init` weights), projection, optimizers, then SyncBN/DDP when distributed."""
     pretrained = None if args.pretrained == "none" else args.pretrained
-    model = model_lib.build_model(args.arch, info.num_classes, backbone=args.backbone, pretrained=pretrained)
+    model = model_lib.build_model(args.arch, info.num_classes, backbone=args.backbone, pretrained=pretrained,
+                                  verbose=dist.is_main)
     projection = build_projection(args, info)
     if init is not None:
         load_init_weights(model, projection, init, args)
@@ -527,7 +528,7 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 def checkpoint(parts: Parts, args: argparse.Namespace, info: data.DatasetInfo, step: int,
                device: torch.device, world_size: int) -> dict:
-    """The layout load_checkpoint reads (CONTRACT.md), plain types only."""
+    """The layout model.load_checkpoint reads, plain types only (weights_only=True loads it)."""
     proj, key = parts.projection, ADVERSARY_KEYS.get(args.loss)
     return {
         "model": parts.model_without_ddp.state_dict(),
@@ -546,7 +547,7 @@ def checkpoint(parts: Parts, args: argparse.Namespace, info: data.DatasetInfo, s
     }
 
 
-def check_resume_args(args: argparse.Namespace, ckpt: dict, world_size: int) -> None:
+def check_resume_args(args: argparse.Namespace, ckpt: dict, world_size: int, is_main: bool = True) -> None:
     """A resumed run must follow the same trajectory: refuse changed settings up front."""
     saved = ckpt.get("args", {})
     changed = [f"{name}: {getattr(args, name)!r} now, {saved.get(name)!r} in the checkpoint"
@@ -554,7 +555,7 @@ def check_resume_args(args: argparse.Namespace, ckpt: dict, world_size: int) -> 
     if changed:
         raise SystemExit(f"train.py: --resume {args.resume} was written with other settings; pass the "
                          "original run's flags (" + "; ".join(changed) + ")")
-    if ckpt.get("world_size", world_size) != world_size:
+    if ckpt.get("world_size", world_size) != world_size and is_main:
         print(f"train.py: warning: resuming on {world_size} processes, the checkpoint ran on "
               f"{ckpt['world_size']}: the data order differs from an uninterrupted run", file=sys.stderr)
 
@@ -615,7 +616,7 @@ def main(args: argparse.Namespace) -> dict:
     dist, device = setup_distributed(args.device)
     try:
         return train(args, info, dist, device)
-    except (data.DatasetError, FileNotFoundError) as err:  # wrong data root, missing weight file
+    except (data.DatasetError, FileNotFoundError, ValueError) as err:  # data root, weight file, bad state dict
         message = f"train.py: {err}"
     except NonFiniteLoss as err:  # raised on every rank at the same step (check_finite reduces first)
         last = Path(args.out) / "last.pt"
@@ -655,7 +656,7 @@ def train(args: argparse.Namespace, info: data.DatasetInfo, dist: Dist, device: 
                                    length=args.train_length)
     resume = load_for_training(args.resume, info) if args.resume else None
     if resume is not None:
-        check_resume_args(args, resume, dist.world_size)
+        check_resume_args(args, resume, dist.world_size, dist.is_main)
     init = load_for_training(args.init, info) if args.init else None
     parts = build_parts(args, info, device, dist, init=init)
     start = restore(parts, resume, args, device) if resume is not None else 0
