@@ -855,8 +855,11 @@ def print_kernels(args: argparse.Namespace) -> dict[str, Any]:
 
     try:
         _, ckpt = model_lib.load_checkpoint(args.ckpt)
+    except (FileNotFoundError, ValueError) as error:  # the message names the file
+        raise SystemExit(str(error)) from None
+    try:
         edge, nonedge = kernel_sizes_of_checkpoint(ckpt)
-    except (FileNotFoundError, ValueError) as error:
+    except ValueError as error:
         raise SystemExit(f"{args.ckpt}: {error}") from None
     names = ckpt["meta"].get("class_names") or [str(c) for c in range(len(edge))]
     print(f"learned affinity field size per class, sum_k w[c,k] * k over k in {list(ckpt['meta']['kernel_sizes'])}"
