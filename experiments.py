@@ -167,7 +167,10 @@ def report(name: str, out: Path) -> str:
             lines.append(f"| {term} | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
     lines += ["", "Commands (per seed S):", ""]
     for method, rs in runs.items():
-        lines.append(f"    {rs[0]['train_command'].replace('--seed ' + str(rs[0]['train_args']['seed']), '--seed S')}")
+        seed = rs[0]["train_args"]["seed"]
+        command = rs[0]["train_command"].replace(f"--seed {seed}", "--seed S").replace(f"seed{seed}", "seedS")
+        lines.append("    " + command.replace(str(ROOT) + "/", ""))
+    lines += ["", f"Or all of them: `python experiments.py run {name}`."]
     text = "\n".join(lines) + "\n"
     results = Path(ROOT / "results")
     results.mkdir(exist_ok=True)
