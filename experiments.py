@@ -169,7 +169,7 @@ def report(name: str, out: Path) -> str:
     for method, rs in runs.items():
         seed = rs[0]["train_args"]["seed"]
         command = rs[0]["train_command"].replace(f"--seed {seed}", "--seed S").replace(f"seed{seed}", "seedS")
-        lines.append("    " + command.replace(str(ROOT) + "/", ""))
+        lines.append("    " + command.replace(str(ROOT) + "/", "").replace(str(ROOT.parent) + "/", "../"))
     lines += ["", f"Or all of them: `python experiments.py run {name}`."]
     text = "\n".join(lines) + "\n"
     results = Path(ROOT / "results")
