@@ -168,7 +168,7 @@ class _AffinityFieldSums(torch.autograd.Function):
                 x, y = regions                                # x: first endpoint, y = x + d
                 pair_ok = valid[x] & valid[y]                 # [B, h', w']
                 is_edge = pair_ok & (lab[x] != lab[y])
-                kl_xy, kl_yx = _pair_kl(pc, npc, lp, lnp, x, y)
+                kl_xy, kl_yx, _, _ = _pair_kl(pc, npc, lp, lnp, x, y)
                 for kl, centre in ((kl_xy, x), (kl_yx, y)):   # kl_xy: centre x, neighbour y
                     kl_a = kl.gather(1, idx[x]).squeeze(1)    # channel of x's label
                     kl_b = kl.gather(1, idx[y]).squeeze(1)    # channel of y's label
@@ -211,13 +211,12 @@ class _AffinityFieldSums(torch.autograd.Function):
                 x, y = regions
                 pair_ok = valid[x] & valid[y]
                 is_edge = pair_ok & (lab[x] != lab[y])
-                kl_xy, kl_yx = _pair_kl(pc, npc, lp, lnp, x, y)
+                kl_xy, kl_yx, D, Dn = _pair_kl(pc, npc, lp, lnp, x, y)
                 # dL/dKL for each directed element: g_n on non-edge channels, -g_e on edge
                 # channels still inside the margin.
                 g_xy = _grad_wrt_kl(kl_xy, gn_map[x], ge_map[x], pair_ok, is_edge, idx[x], idx[y], margin)
                 g_yx = _grad_wrt_kl(kl_yx, gn_map[y], ge_map[y], pair_ok, is_edge, idx[x], idx[y], margin)
                 # KL(y||x) = yc (ly - lx) + nyc (lny - lnx);  KL(x||y) = xc (lx - ly) + nxc (lnx - lny)
-                D, Dn = lp[y] - lp[x], lnp[y] - lnp[x]
                 dxy_dy = mp[y] * (D + 1) - mnp[y] * (Dn + 1)
                 dxy_dx = -mp[x] * pc[y] / pc[x] + mnp[x] * npc[y] / npc[x]
                 dyx_dx = mp[x] * (1 - D) - mnp[x] * (1 - Dn)
@@ -238,12 +237,13 @@ def _pair_kl(pc, npc, lp, lnp, x, y):
     """Both directed Bernoulli KLs of the pixel pairs (x, y), each [B, C, h', w'].
 
     kl_xy = KL(P(y) || P(x)): centre x, neighbour y (SPEC: KL(neighbour || centre)).
-    kl_yx = KL(P(x) || P(y)): centre y, neighbour x. They share the log differences.
+    kl_yx = KL(P(x) || P(y)): centre y, neighbour x. They share the log differences
+    D = log p(y) - log p(x) and Dn (of the complements), returned too for the backward.
     """
     D, Dn = lp[y] - lp[x], lnp[y] - lnp[x]
     kl_xy = pc[y] * D + npc[y] * Dn
     kl_yx = -(pc[x] * D + npc[x] * Dn)
-    return kl_xy, kl_yx
+    return kl_xy, kl_yx, D, Dn
 
 
 def _grad_wrt_kl(kl, gn, ge, pair_ok, is_edge, idx_a, idx_b, margin):
@@ -355,6 +355,17 @@ class AdaptiveAffinityFieldLoss(nn.Module):
         return w_edge @ sizes, w_nonedge @ sizes
 
 
+def _masked_maps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int):
+    """(softmax [B, C, h, w], one-hot [B, C, h, w], valid [B, 1, h, w]), the first two zero at
+    ignored pixels so that void neither leaks (one-hot all zero) nor is penalised."""
+    logits = _as_float(logits)
+    C = logits.shape[1]
+    lab = _labels_at(labels, logits, ignore_index)
+    valid = (lab < C).unsqueeze(1).to(logits.dtype)
+    onehot = F.one_hot(lab, C + 1)[..., :C].permute(0, 3, 1, 2).to(logits.dtype)
+    return logits.softmax(dim=1) * valid, onehot, valid
+
+
 def _check_classes(logits: torch.Tensor, num_classes: int) -> None:
     if logits.dim() != 4 or logits.shape[1] != num_classes:
         raise ValueError(f"expected logits [B, {num_classes}, h, w], got {list(logits.shape)}")
@@ -385,15 +396,10 @@ class RandomProjectionLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         _check_classes(logits, self.num_classes)
-        logits = _as_float(logits)
-        C = self.num_classes
-        lab = _labels_at(labels, logits, self.ignore_index)
-        valid = (lab < C).unsqueeze(1).to(logits.dtype)                     # [B, 1, h, w]
-        prob = logits.softmax(dim=1) * valid
-        onehot = F.one_hot(lab, C + 1)[..., :C].permute(0, 3, 1, 2).to(logits.dtype)
-        pad = self.weight.shape[-1] // 2
-        a = F.conv2d(prob, self.weight.to(logits.dtype), padding=pad)       # [B, C, h, w]
-        b = F.conv2d(onehot, self.weight.to(logits.dtype), padding=pad)
+        prob, onehot, valid = _masked_maps(logits, labels, self.ignore_index)   # [B, C, h, w] x2, [B, 1, h, w]
+        weight, pad = self.weight.to(prob.dtype), self.weight.shape[-1] // 2
+        a = F.conv2d(prob, weight, padding=pad)                             # [B, C, h, w]
+        b = F.conv2d(onehot, weight, padding=pad)
         aa, bb, ab = (a * a).sum(1), (b * b).sum(1), (a * b).sum(1)         # [B, h, w]
         per_pixel = aa ** 2 - 2 * ab ** 2 + bb ** 2
         return _safe_mean((per_pixel * valid[:, 0]).sum(), valid.sum())
@@ -429,12 +435,7 @@ class AdversarialProjection(nn.Module):
     def _maps(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(fake, real) label maps [B, C, h, w], both zero at ignored pixels."""
         _check_classes(logits, self.num_classes)
-        logits = _as_float(logits)
-        C = self.num_classes
-        lab = _labels_at(labels, logits, self.ignore_index)
-        valid = (lab < C).unsqueeze(1).to(logits.dtype)
-        fake = logits.softmax(dim=1) * valid
-        real = F.one_hot(lab, C + 1)[..., :C].permute(0, 3, 1, 2).to(logits.dtype)
+        fake, real, _ = _masked_maps(logits, labels, self.ignore_index)
         return fake, real
 
     def discriminator_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
