@@ -6,8 +6,10 @@ import hashlib
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 import data
+import synthetic
 
 # (scene seed, index, (H, W)) -> (sha256 of the label and instance maps, first 16 hex digits;
 # per-channel sums of the image). Computed on the generator as it was inside data.py
@@ -24,7 +26,7 @@ SCENE_CHECKSUMS = [
 
 @pytest.mark.parametrize("seed, index, size, maps_digest, channel_sums", SCENE_CHECKSUMS)
 def test_scenes_match_their_checksums(seed, index, size, maps_digest, channel_sums) -> None:
-    image, label, instance = data.make_synthetic_scene(seed, index, size)
+    image, label, instance = synthetic.make_scene(seed, index, size)
     assert image.shape == size + (3,) and image.dtype == np.uint8
     assert label.dtype == np.uint8 == instance.dtype and label.shape == size == instance.shape
     # The maps come from geometry alone (float32 +, *, sqrt: the same on every machine): exact.
@@ -34,3 +36,30 @@ def test_scenes_match_their_checksums(seed, index, size, maps_digest, channel_su
     # drawing (an extra random draw, another colour) moves them by thousands.
     sums = image.reshape(-1, 3).sum(axis=0, dtype=np.int64)
     assert np.abs(sums - np.array(channel_sums)).max() <= 8, sums.tolist()
+
+
+def test_synthetic_has_thin_structures_and_voc_style_instances() -> None:
+    thin_classes = [synthetic.CLASSES.index(n) for n in ("pole", "person", "bicycle", "fence")]
+    thin_total, class_total, pole_colours = 0, 0, []
+    for i in range(12):
+        image, label, instance = synthetic.make_scene(data.SYNTHETIC_SPLIT_SEEDS["val"], i)
+        assert image.shape == (128, 128, 3) and image.dtype == np.uint8
+        assert label.max() < len(synthetic.CLASSES)
+        scene_thin = 0
+        for c in thin_classes:
+            mask = label == c
+            # Pixels that a 4x4 opening removes belong to parts at most 3 px wide.
+            thin = mask & ~ndimage.binary_opening(mask, structure=np.ones((4, 4), bool))
+            scene_thin += int(thin.sum())
+            class_total += int(mask.sum())
+        assert scene_thin >= 50, f"scene {i} has only {scene_thin} thin-structure pixels"
+        thin_total += scene_thin
+        # VOC convention: every id other than 255 is one instance of a single class.
+        ids = np.unique(instance)
+        assert 255 not in ids and len(ids) >= 4
+        for k in ids:
+            assert len(np.unique(label[instance == k])) == 1
+        pole_colours.append(image[label == thin_classes[0]].mean(0))
+    assert thin_total / class_total > 0.5
+    # Appearance is a weak cue: the mean colour of the poles changes a lot from scene to scene.
+    assert np.std(pole_colours, axis=0).min() > 15
