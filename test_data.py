@@ -516,6 +516,17 @@ def test_16_bit_grey_is_scaled_not_clipped(tmp_path: Path) -> None:
             assert np.array_equal(rgb[0, :, channel], SIXTEEN_BIT_AS_8), name  # old code: all 255
 
 
+def test_16_bit_png_read_as_mode_i_is_scaled_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Older Pillow releases open 16-bit grey PNGs as mode 'I' (32-bit) rather than 'I;16'.
+    write_gray_png(tmp_path / "grey16.png", SIXTEEN_BIT[None])
+    with Image.open(tmp_path / "grey16.png") as im:
+        as_i = im.convert("I")
+    as_i.format = "PNG"
+    monkeypatch.setattr(data.Image, "open", lambda path: as_i)
+    rgb = data.read_image(tmp_path / "grey16.png")
+    assert np.array_equal(rgb[0, :, 1], SIXTEEN_BIT_AS_8)
+
+
 def test_16_bit_colour_keeps_the_high_byte(tmp_path: Path) -> None:
     # Pillow decodes 16-bit RGB(A) PNGs to 8 bits itself, keeping the high byte v >> 8:
     # 128 -> 0, 129 -> 0, 257 -> 1, 1000 -> 3, 32896 -> 128, 65535 -> 255 (within 1 of v / 257).
