@@ -298,10 +298,10 @@ _GREY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """An image as 8-bit RGB, uint8 [H, W, 3], converted from what the file holds.
 
-    `convert("RGB")` alone clips 16-bit grey to 255 (an all-white image) and its CMYK formula
-    changed between Pillow releases, so those two are converted here: 16-bit grey (PIL 'I;16',
-    or 'I' for a 16-bit PNG in older Pillow) is scaled, v * 255 / 65535 rounded (= v / 257); CMYK
-    is R = (255 - C) * (255 - K) / 255 rounded, likewise G, B. 16-bit colour PNGs reach us as
+    `convert("RGB")` alone clips 16-bit grey to 255 (an all-white image), so 16-bit grey (PIL
+    'I;16', or 'I' for a 16-bit PNG in older Pillow) is scaled here, v * 255 / 65535 rounded
+    (= v / 257); CMYK gets an explicit formula too, so that it does not depend on the Pillow
+    release: R = (255 - C) * (255 - K) / 255 rounded, likewise G, B. 16-bit colour PNGs reach us as
     8-bit RGB(A) already: Pillow keeps the high byte (v >> 8, within one level of v / 257).
     Modes without a defined 0..255 range (32-bit integer or float, 'I' / 'F' outside PNG) and
     colour spaces Pillow cannot convert (LAB, HSV) are refused with an error naming the file, as
