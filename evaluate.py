@@ -651,7 +651,7 @@ def evaluate_model(model: torch.nn.Module, dataset, dataset_name: str, metrics: 
     Returns the `summarize` dict: "iou"/"miou"/"pixel_acc", "instance_iou"/"instance_miou",
     "boundary" {"recall", "precision", "f", "mean_*"} for the requested metrics.
     """
-    info = data.dataset_info(dataset_name)
+    info = getattr(dataset, "info", None) or data.dataset_info(dataset_name)  # a folder set carries its own
     crop_size = crop_size or info.eval_crop
     stride = stride or info.eval_stride
     model = model.to(device)
@@ -678,7 +678,7 @@ def evaluate_predictions(pred_dir: str | os.PathLike, dataset, dataset_name: str
                          metrics: Sequence[str] = ("miou",), max_dist: float = DEFAULT_MAX_DIST,
                          workers: int = 0, progress: bool = True) -> dict[str, Any]:
     """Score saved label PNGs `<pred_dir>/<sample name>.png` (palette indices = class ids)."""
-    info = data.dataset_info(dataset_name)
+    info = getattr(dataset, "info", None) or data.dataset_info(dataset_name)  # a folder set carries its own
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise FileNotFoundError(f"--pred-dir {pred_dir} is not a folder")
@@ -730,7 +730,8 @@ def format_results(results: dict[str, Any]) -> str:
             names, [("IoU", results["iou"], results["miou"])], _percent, "mIoU"))
         parts.append(f"pixel accuracy: {_percent(results['pixel_acc'])} %")
     if "instance_iou" in results:
-        parts.append("instance-wise mIoU (%), paper Tables 3, 7\n" + format_table(
+        counting = f"; counting: {results['instance_counting']}" if "instance_counting" in results else ""
+        parts.append(f"instance-wise mIoU (%), paper Tables 3, 7{counting}\n" + format_table(
             names, [("inst. IoU", results["instance_iou"], results["instance_miou"])], _percent,
             "instance mIoU"))
     if "boundary" in results:
@@ -789,7 +790,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", help="checkpoint of train.py (not needed with --pred-dir)")
     parser.add_argument("--pred-dir", help="score saved label PNGs <pred-dir>/<name>.png instead of a model")
-    parser.add_argument("--dataset", help="voc, cityscapes, gta5, camvid, synthetic (default: the checkpoint's)")
+    parser.add_argument("--dataset", help="voc, cityscapes, gta5, camvid, synthetic, folder (default: the checkpoint's; "
+                                          f"folder: your own data at --data-root, window {data.FOLDER_DEFAULTS.eval_crop} "
+                                          f"stride {data.FOLDER_DEFAULTS.eval_stride})")
     parser.add_argument("--data-root", help="data set folder (not needed for synthetic)")
     parser.add_argument("--split", help="split to score (default: the data set's validation split)")
     parser.add_argument("--metric", default="miou", choices=["miou", "instance", "boundary", "all", "kernels"])
@@ -817,12 +820,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("give exactly one of --ckpt (predict with a model) and --pred-dir (score saved PNGs)")
     model, ckpt = None, None
     if args.ckpt is not None:
-        model, ckpt, dataset_name, info = infer.load_for_inference(args.ckpt, args.dataset, args.device)
+        model, ckpt, dataset_name, info = infer.load_for_inference(args.ckpt, args.dataset, args.device, args.data_root)
     else:
         if args.dataset is None:
             raise SystemExit("--dataset is needed with --pred-dir")
         dataset_name = args.dataset
-        info = data.dataset_info(dataset_name)
+        info = data.dataset_info(dataset_name, args.data_root)
     split = args.split or info.val_split
     dataset = data.build_dataset(dataset_name, args.data_root, split, train=False, length=args.length)
     metrics = METRICS if args.metric == "all" else (args.metric,)
@@ -840,6 +843,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         results = evaluate_predictions(args.pred_dir, dataset, dataset_name, metrics, args.max_dist, args.workers)
         default_json = Path(args.pred_dir) / f"eval_{dataset_name}_{split}_{args.metric}.json"
     results["split"] = split
+    if "instance_miou" in results:  # n_{c,x} from instance maps, or one per present class without them
+        results["instance_counting"] = "instance maps" if dataset.has_instances else "one instance per present class (no instance maps)"
     print(format_results(results))
     json_path = Path(args.json) if args.json else default_json
     write_json(results, json_path)

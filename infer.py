@@ -183,9 +183,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_for_inference(ckpt_path: str, dataset: str | None, device: str):
+def load_for_inference(ckpt_path: str, dataset: str | None, device: str, data_root: str | None = None):
     """(model, ckpt, dataset name, DatasetInfo) for a checkpoint; a bad file or a data set whose
-    class count differs from the checkpoint's is a one-line SystemExit (used by evaluate.py too)."""
+    class count differs from the checkpoint's is a one-line SystemExit (used by evaluate.py too).
+    A folder data set's classes come from `data_root` when given, else from the checkpoint."""
     import model as model_lib  # loading checkpoints belongs to the model stage
 
     try:
@@ -195,7 +196,7 @@ def load_for_inference(ckpt_path: str, dataset: str | None, device: str):
     dataset_name = dataset or ckpt["meta"].get("dataset")
     if dataset_name is None:
         raise SystemExit("--dataset is needed (the checkpoint does not name its data set)")
-    info = data.dataset_info(dataset_name)
+    info = data.dataset_info(dataset_name, data_root, meta=ckpt["meta"])
     if info.num_classes != ckpt["meta"]["num_classes"]:
         raise SystemExit(f"{ckpt_path} predicts {ckpt['meta']['num_classes']} classes but {dataset_name} "
                          f"has {info.num_classes}")

@@ -468,33 +468,6 @@ def test_synthetic_is_deterministic_and_splits_differ() -> None:
         val[3]
 
 
-def test_synthetic_has_thin_structures_and_voc_style_instances() -> None:
-    thin_classes = [data.SYNTHETIC_CLASSES.index(n) for n in ("pole", "person", "bicycle", "fence")]
-    thin_total, class_total, pole_colours = 0, 0, []
-    for i in range(12):
-        image, label, instance = data.make_synthetic_scene(data.SYNTHETIC_SPLIT_SEEDS["val"], i)
-        assert image.shape == (128, 128, 3) and image.dtype == np.uint8
-        assert label.max() < len(data.SYNTHETIC_CLASSES)
-        scene_thin = 0
-        for c in thin_classes:
-            mask = label == c
-            # Pixels that a 4x4 opening removes belong to parts at most 3 px wide.
-            thin = mask & ~ndimage.binary_opening(mask, structure=np.ones((4, 4), bool))
-            scene_thin += int(thin.sum())
-            class_total += int(mask.sum())
-        assert scene_thin >= 50, f"scene {i} has only {scene_thin} thin-structure pixels"
-        thin_total += scene_thin
-        # VOC convention: every id other than 255 is one instance of a single class.
-        ids = np.unique(instance)
-        assert 255 not in ids and len(ids) >= 4
-        for k in ids:
-            assert len(np.unique(label[instance == k])) == 1
-        pole_colours.append(image[label == thin_classes[0]].mean(0))
-    assert thin_total / class_total > 0.5
-    # Appearance is a weak cue: the mean colour of the poles changes a lot from scene to scene.
-    assert np.std(pole_colours, axis=0).min() > 15
-
-
 def test_synthetic_train_samples_use_the_crop() -> None:
     ds = data.build_dataset("synthetic", None, "train", train=True, length=2, crop_size=96)
     ds.set_epoch(0)
@@ -502,3 +475,298 @@ def test_synthetic_train_samples_use_the_crop() -> None:
     assert s["image"].shape == (3, 96, 96) and s["label"].shape == (96, 96) == s["instance"].shape
     labels = set(np.unique(s["label"].numpy()).tolist())
     assert labels <= set(range(8)) | {255}
+
+
+# ---------------------------------------------------------------------------------------------
+# images are read as what they are (every PIL mode a file can have)
+# ---------------------------------------------------------------------------------------------
+
+def write_png16(path: Path, values: np.ndarray, color_type: int) -> None:
+    """A 16-bit PNG written byte by byte (PIL cannot write 16-bit colour): colour type 0 grey,
+    2 RGB, 6 RGBA; `values` uint16 [H, W] or [H, W, C]."""
+    import struct
+    import zlib
+
+    a = np.asarray(values, ">u2")  # PNG stores big-endian samples
+    rows = b"".join(b"\x00" + a[y].tobytes() for y in range(a.shape[0]))  # filter 0 per row
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", a.shape[1], a.shape[0], 16, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+
+
+# 16-bit test values and round(v * 255 / 65535) = round(v / 257), worked out by hand:
+# 128/257 = 0.498 -> 0, 129/257 = 0.502 -> 1, 1000/257 = 3.89 -> 4, 32896 = 128 * 257 -> 128.
+SIXTEEN_BIT = np.array([0, 128, 129, 257, 1000, 32896, 65535], np.uint16)
+SIXTEEN_BIT_AS_8 = np.array([0, 0, 1, 1, 4, 128, 255], np.uint8)
+
+
+def test_16_bit_grey_is_scaled_not_clipped(tmp_path: Path) -> None:
+    write_gray_png(tmp_path / "grey16.png", SIXTEEN_BIT[None])  # PIL writes uint16 as 16-bit grey
+    big_endian = Image.frombytes("I;16B", (7, 1), SIXTEEN_BIT.astype(">u2").tobytes())
+    big_endian.save(tmp_path / "grey16b.tif")
+    write_png16(tmp_path / "grey16_raw.png", SIXTEEN_BIT[None], color_type=0)
+    for name in ("grey16.png", "grey16b.tif", "grey16_raw.png"):
+        rgb = data.read_image(tmp_path / name)
+        assert rgb.dtype == np.uint8 and rgb.shape == (1, 7, 3), name
+        for channel in range(3):
+            assert np.array_equal(rgb[0, :, channel], SIXTEEN_BIT_AS_8), name  # old code: all 255
+
+
+def test_16_bit_png_read_as_mode_i_is_scaled_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Older Pillow releases open 16-bit grey PNGs as mode 'I' (32-bit) rather than 'I;16'.
+    write_gray_png(tmp_path / "grey16.png", SIXTEEN_BIT[None])
+    with Image.open(tmp_path / "grey16.png") as im:
+        as_i = im.convert("I")
+    as_i.format = "PNG"
+    monkeypatch.setattr(data.Image, "open", lambda path: as_i)
+    rgb = data.read_image(tmp_path / "grey16.png")
+    assert np.array_equal(rgb[0, :, 1], SIXTEEN_BIT_AS_8)
+
+
+def test_16_bit_colour_keeps_the_high_byte(tmp_path: Path) -> None:
+    # Pillow decodes 16-bit RGB(A) PNGs to 8 bits itself, keeping the high byte v >> 8:
+    # 128 -> 0, 129 -> 0, 257 -> 1, 1000 -> 3, 32896 -> 128, 65535 -> 255 (within 1 of v / 257).
+    rgb16 = np.stack([SIXTEEN_BIT, SIXTEEN_BIT[::-1], np.full(7, 40000, np.uint16)], axis=-1)[None]
+    write_png16(tmp_path / "rgb16.png", rgb16, color_type=2)
+    write_png16(tmp_path / "rgba16.png", np.concatenate([rgb16, np.zeros_like(rgb16[..., :1])], -1), color_type=6)
+    high = np.array([0, 0, 0, 1, 3, 128, 255], np.uint8)
+    for name in ("rgb16.png", "rgba16.png"):
+        rgb = data.read_image(tmp_path / name)
+        assert np.array_equal(rgb[0, :, 0], high) and np.array_equal(rgb[0, :, 1], high[::-1]), name
+        assert np.all(rgb[0, :, 2] == 156), name  # 40000 >> 8 = 156; alpha 0 is dropped, not composited
+
+
+def test_8_bit_modes_become_rgb(tmp_path: Path) -> None:
+    grey = np.array([[0, 77, 255]], np.uint8)
+    Image.fromarray(grey, "L").save(tmp_path / "l.png")
+    Image.fromarray(np.stack([grey, np.array([[0, 9, 255]], np.uint8)], -1), "LA").save(tmp_path / "la.png")
+    palette = Image.fromarray(np.array([[2, 0, 1]], np.uint8), "L").convert("P")
+    palette.putpalette([10, 20, 30, 40, 50, 60, 70, 80, 90] + [0] * 759)
+    palette.save(tmp_path / "p.png")
+    rgba = np.array([[[1, 2, 3, 0], [4, 5, 6, 128], [7, 8, 9, 255]]], np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(np.array([[0, 255, 0]], np.uint8), "L").convert("1").save(tmp_path / "one.png")
+    expected = {
+        "l.png": [[0, 0, 0], [77, 77, 77], [255, 255, 255]],
+        "la.png": [[0, 0, 0], [77, 77, 77], [255, 255, 255]],  # the alpha channel is dropped
+        "p.png": [[70, 80, 90], [10, 20, 30], [40, 50, 60]],  # palette index -> its colour
+        "rgba.png": [[1, 2, 3], [4, 5, 6], [7, 8, 9]],  # colours as stored, whatever the alpha
+        "one.png": [[0, 0, 0], [255, 255, 255], [0, 0, 0]],
+    }
+    for name, pixels in expected.items():
+        with Image.open(tmp_path / name) as im:
+            assert im.mode == {"l.png": "L", "la.png": "LA", "p.png": "P", "rgba.png": "RGBA", "one.png": "1"}[name]
+        rgb = data.read_image(tmp_path / name)
+        assert rgb.dtype == np.uint8 and np.array_equal(rgb, np.array([pixels], np.uint8)), name
+
+
+def test_cmyk_uses_the_black_channel(tmp_path: Path) -> None:
+    # R = round((255 - C) * (255 - K) / 255), likewise G from M and B from Y, by hand:
+    # (10, 100, 200, 50): 245 * 205 / 255 = 196.96 -> 197, 155 * 205 / 255 = 124.6 -> 125,
+    # 55 * 205 / 255 = 44.2 -> 44; no ink is white, full black is black whatever C, M, Y are.
+    cmyk = np.array([[[10, 100, 200, 50], [0, 0, 0, 0], [30, 60, 90, 255], [255, 0, 0, 0]]], np.uint8)
+    Image.fromarray(cmyk, "CMYK").save(tmp_path / "cmyk.tif")
+    Image.fromarray(cmyk, "CMYK").save(tmp_path / "cmyk.jpg", quality=100)
+    rgb = data.read_image(tmp_path / "cmyk.tif")
+    assert np.array_equal(rgb, np.array([[[197, 125, 44], [255, 255, 255], [0, 0, 0], [0, 255, 255]]], np.uint8))
+    jpeg = data.read_image(tmp_path / "cmyk.jpg").astype(int)  # Adobe's inverted CMYK JPEG, lossy
+    assert np.abs(jpeg - rgb.astype(int)).max() <= 24
+
+
+def test_images_without_an_8_bit_meaning_are_refused(tmp_path: Path) -> None:
+    Image.fromarray(np.array([[0.25, 2.0]], np.float32), "F").save(tmp_path / "float.tif")
+    Image.fromarray(np.array([[5, 70000]], np.int32), "I").save(tmp_path / "int32.tif")
+    for name in ("float.tif", "int32.tif"):
+        with pytest.raises(data.DatasetError, match=rf"cannot read image .*{name}: PIL mode [FI] ") as e:
+            data.read_image(tmp_path / name)  # old code: clipped to 0..255, no error
+        assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# instance maps: for every image of a split or for none, never silently dropped
+# ---------------------------------------------------------------------------------------------
+
+def test_one_missing_instance_map_is_named(tmp_path: Path) -> None:
+    voc = make_voc(tmp_path, ["a"], ["b", "c", "d"])
+    (voc / "SegmentationObject" / "c.png").unlink()
+    with pytest.raises(data.DatasetError, match=r"instance maps for 2 of 3 images, but \S*SegmentationObject/c\.png is missing"):
+        data.build_dataset("voc", tmp_path, "val", train=False)  # old code: all instance maps dropped
+    make_cityscapes(tmp_path / "cs")
+    other = "frankfurt_000001_000000"
+    gt = tmp_path / "cs" / "gtFine" / "val" / "frankfurt"
+    write_rgb(tmp_path / "cs" / "leftImg8bit" / "val" / "frankfurt" / f"{other}_leftImg8bit.png", random_image(3, 4, 1))
+    write_gray_png(gt / f"{other}_gtFine_labelIds.png", np.full((3, 4), 7, np.uint8))
+    with pytest.raises(data.DatasetError, match=rf"1 of 2 images, but \S*{other}_gtFine_instanceIds\.png is missing"):
+        data.build_dataset("cityscapes", tmp_path / "cs", "val", train=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# your own data: --dataset folder
+# ---------------------------------------------------------------------------------------------
+
+FOLDER_CLASSES_TXT = """\
+# my street data set
+background 0 0 0
+traffic light 250 170 30   # a name with a space, then its colour
+road
+7 ignore
+255 ignore
+"""
+
+
+def make_folder(root: Path) -> dict[str, np.ndarray]:
+    """A folder data set: a nested train image (JPEG, grey label), a flat one (PNG, palette
+    label), instance maps for train only, one val image; hidden and non-image files around."""
+    (root / "classes.txt").parent.mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text(FOLDER_CLASSES_TXT)
+    labels = {
+        "street/0001": np.array([[0, 1, 1, 2], [7, 255, 2, 2], [0, 0, 1, 2]], np.uint8),
+        "0002": np.array([[2, 2, 0, 0], [1, 1, 0, 255], [7, 7, 1, 0]], np.uint8),
+        "x": np.array([[1, 0, 0, 2], [2, 2, 0, 0], [0, 1, 1, 1]], np.uint8),
+    }
+    write_rgb(root / "images" / "train" / "street" / "0001.jpg", random_image(3, 4, 0))
+    write_gray_png(root / "labels" / "train" / "street" / "0001.png", labels["street/0001"])
+    write_rgb(root / "images" / "train" / "0002.png", random_image(3, 4, 1))
+    write_palette_png(root / "labels" / "train" / "0002.png", labels["0002"])
+    write_rgb(root / "images" / "val" / "x.png", random_image(3, 4, 2))
+    write_gray_png(root / "labels" / "val" / "x.png", labels["x"])
+    for name, label in list(labels.items())[:2]:
+        write_gray_png(root / "instances" / "train" / f"{name}.png", (label == 1).astype(np.uint8) * 4 + 1)
+    (root / "images" / "train" / "notes.txt").write_text("not an image")
+    (root / "images" / "train" / "._0002.png").write_bytes(b"macOS metadata, not an image")
+    (root / "labels" / "train" / ".hidden").mkdir()
+    write_gray_png(root / "labels" / "train" / ".hidden" / "stray.png", labels["x"])
+    return labels
+
+
+def test_folder_reads_classes_labels_and_instances(tmp_path: Path) -> None:
+    labels = make_folder(tmp_path)
+    info = data.dataset_info("folder", tmp_path)
+    assert info.class_names == ("background", "traffic light", "road") and info.num_classes == 3
+    # Colours as given; `road` has none and takes VOC's colour of index 2, (0, 128, 0).
+    assert info.palette == ((0, 0, 0), (250, 170, 30), (0, 128, 0))
+    assert info.splits == ("train", "val") and (info.train_split, info.val_split) == ("train", "val")
+    assert (info.crop_size, info.loss_lambda, info.kernel_sizes) == (512, 1.0, (3, 5, 7))
+    assert (info.eval_crop, info.eval_stride, info.eval_scales, info.eval_flip) == (512, 342, (1.0,), False)
+    train = data.build_dataset("folder", tmp_path, "train", train=False)
+    assert [train[i]["name"] for i in range(len(train))] == ["0002", "street/0001"]  # sorted, path kept
+    for i in range(2):
+        s = train[i]
+        raw = labels[s["name"]]
+        expected = np.where(raw == 7, 255, raw)  # `7 ignore`: stored 7 becomes the ignore label 255
+        assert np.array_equal(s["label"].numpy(), expected)
+        assert np.array_equal(s["instance"].numpy(), (raw == 1) * 4 + 1)
+        assert s["image"].shape == (3, 3, 4)
+    val = data.build_dataset("folder", tmp_path, "val", train=False)
+    assert len(val) == 1 and "instance" not in val[0] and not val.has_instances
+    assert np.array_equal(val[0]["label"].numpy(), labels["x"])
+    crops = data.build_dataset("folder", tmp_path, "train", train=True, crop_size=8, seed=0)
+    crops.set_epoch(0)
+    assert crops[0]["label"].shape == (8, 8) == crops[0]["instance"].shape
+    # What a checkpoint remembers (class names, palette) is enough to rebuild the classes.
+    meta = {"dataset": "folder", "class_names": list(info.class_names), "palette": [list(c) for c in info.palette]}
+    again = data.dataset_info("folder", meta=meta)
+    assert (again.class_names, again.palette, again.eval_crop) == (info.class_names, info.palette, 512)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("bg\nroad 128 64\n", r"line 2 \('road 128 64'\): expected `name`, `name R G B`"),
+    ("bg\nroad 300 0 0\n", r"line 2 \('road 300 0 0'\): expected"),
+    ("bg\n1 2 3\n", r"line 2 \('1 2 3'\): expected"),
+    ("bg\nclass 1\n", r"line 2 \('class 1'\): expected"),
+    ("\n# comment\nbg\nfg\nbg 1 1 1\n", r"line 5 \('bg 1 1 1'\): class 'bg' is listed twice"),
+    ("only\n255 ignore\n", r"found 1 class line\(s\); expected 2\.\.255"),
+    ("bg\nfg\n1 ignore\n", r"ignore value 1 is the label value of class 'fg'"),
+    ("bg\nfg\n256 ignore\n", r"line 3 \('256 ignore'\): ignore value 256 is outside 0\.\.255"),
+    ("bg\nfg\n-1 ignore\n", r"line 3 \('-1 ignore'\): ignore value -1 is outside 0\.\.255"),
+])
+def test_malformed_classes_file_is_one_line_naming_it(tmp_path: Path, text: str, message: str) -> None:
+    make_folder(tmp_path)
+    (tmp_path / "classes.txt").write_text(text)
+    with pytest.raises(data.DatasetError, match=message) as e:
+        data.dataset_info("folder", tmp_path)
+    assert str(e.value).startswith(str(tmp_path / "classes.txt")) and "\n" not in str(e.value)
+
+
+def test_classes_file_accepts_a_bom_crlf_and_binary(tmp_path: Path) -> None:
+    make_folder(tmp_path)
+    (tmp_path / "classes.txt").write_bytes("\ufeffbackground\r\nforeground 255 255 255\r\n255 ignore\r\n".encode())
+    info = data.dataset_info("folder", tmp_path)
+    assert info.class_names == ("background", "foreground") and info.palette == ((0, 0, 0), (255, 255, 255))
+
+
+def broken(tmp_path: Path, how: str) -> Path:
+    """make_folder, then one thing broken."""
+    root = tmp_path / how.replace(" ", "_")
+    make_folder(root)
+    if how == "no classes":
+        (root / "classes.txt").unlink()
+    elif how == "no images":
+        import shutil
+        shutil.rmtree(root / "images")
+    elif how == "image without label":
+        (root / "labels" / "train" / "street" / "0001.png").unlink()
+    elif how == "label without image":
+        (root / "images" / "train" / "0002.png").unlink()
+    elif how == "jpeg label":
+        write_rgb(root / "labels" / "train" / "street" / "0003.jpg", random_image(3, 4, 5))
+        write_rgb(root / "images" / "train" / "street" / "0003.png", random_image(3, 4, 5))
+    elif how == "two images one name":
+        write_rgb(root / "images" / "train" / "0002.jpg", random_image(3, 4, 5))
+    elif how == "instance missing":
+        (root / "instances" / "train" / "0002.png").unlink()
+    elif how == "no label folder":
+        import shutil
+        shutil.rmtree(root / "labels" / "train")
+    return root
+
+
+@pytest.mark.parametrize("how, message", [
+    ("no classes", r"missing \S*/no_classes/classes\.txt"),
+    ("no images", r"missing folder \S*/no_images/images\."),
+    ("image without label", r"image \S*/train/street/0001\.jpg has no label: expected \S*/labels/train/street/0001\.png"),
+    ("label without image", r"label \S*/labels/train/0002\.png has no image: expected \S*/images/train/0002\.<png"),
+    ("jpeg label", r"label \S*/street/0003\.jpg is not a PNG"),
+    ("two images one name", r"two images named 0002: \S*0002\.jpg and \S*0002\.png"),
+    ("instance missing", r"instance maps for 1 of 2 images, but \S*/instances/train/0002\.png is missing"),
+    ("no label folder", r"missing folder \S*/labels/train\."),
+])
+def test_broken_folder_layout_is_one_line_with_the_tree(tmp_path: Path, how: str, message: str) -> None:
+    root = broken(tmp_path, how)
+    with pytest.raises(data.DatasetError, match=message) as e:
+        data.build_dataset("folder", root, "train", train=False)
+    text = str(e.value)
+    assert "\n" not in text and "Expected layout: ROOT/classes.txt" in text and "ROOT/labels/<split>/" in text
+
+
+def test_folder_label_values_and_sizes_are_checked(tmp_path: Path) -> None:
+    make_folder(tmp_path)
+    write_gray_png(tmp_path / "labels" / "val" / "x.png", np.array([[0, 3, 0, 2]] * 3, np.uint8))
+    with pytest.raises(data.DatasetError, match=r"val/x\.png: label values \[3\] are outside 0\.\.2 \(the classes "
+                                                r"of \S*classes\.txt\) or 7, 255 \(ignore\)"):
+        data.build_dataset("folder", tmp_path, "val", train=False)[0]
+    (tmp_path / "classes.txt").write_text("bg\nlight\nroad\n")  # no ignore line: 255 is not a class
+    write_gray_png(tmp_path / "labels" / "val" / "x.png", np.array([[0, 255, 0, 2]] * 3, np.uint8))
+    with pytest.raises(data.DatasetError, match=r"label values \[255\] are outside 0\.\.2 .*declares no ignore "
+                                                r"value \(add a line `255 ignore`"):
+        data.build_dataset("folder", tmp_path, "val", train=False)[0]
+    write_gray_png(tmp_path / "labels" / "val" / "x.png", np.zeros((3, 5), np.uint8))
+    with pytest.raises(data.DatasetError, match=r"image \S*images/val/x\.png is 4x3 but its label \S*x\.png is 5x3"):
+        data.build_dataset("folder", tmp_path, "val", train=False)[0]
+    with pytest.raises(data.DatasetError, match="folder has no split 'test'; known: train, val"):
+        data.build_dataset("folder", tmp_path, "test", train=False)
+
+
+def test_data_root_that_is_a_file_says_so(tmp_path: Path) -> None:
+    make_folder(tmp_path / "mine")
+    for name, root in (("folder", tmp_path / "mine" / "classes.txt"), ("voc", tmp_path / "mine" / "classes.txt"),
+                       ("camvid", tmp_path / "mine" / "classes.txt")):
+        with pytest.raises(data.DatasetError, match=rf"{name} data root \S*classes\.txt is a file, not a folder") as e:
+            data.build_dataset(name, root, "train" if name != "voc" else "val", train=False)
+        assert "\n" not in str(e.value)
+    with pytest.raises(data.DatasetError, match="folder data set at None .*no root given"):
+        data.dataset_info("folder")

@@ -85,8 +85,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         epilog="Flags left at 'dataset default' take the paper's value for --dataset "
                "(data.py's DatasetInfo; SPEC section 6).")
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset", default="synthetic", choices=sorted(data.DATASETS),
-                   help="data set (default: synthetic, generated on the fly, no download)")
+    g.add_argument("--dataset", default="synthetic", choices=sorted(data.DATASET_NAMES),
+                   help="data set (default: synthetic, generated on the fly, no download); folder: your own "
+                        "data at --data-root (classes.txt, images/<split>/, labels/<split>/; README 'Your own "
+                        f"data'), whose defaults are: {data.FOLDER_DEFAULTS_TEXT}")
     g.add_argument("--data-root", default=None, help="folder holding the data set (not needed for synthetic)")
     g.add_argument("--train-split", default=None,
                    help="training split (dataset default, e.g. VOC train_aug; VOC stage 2: train)")
@@ -164,7 +166,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, data.DatasetInfo]:
     """Fill the per-dataset defaults (SPEC 6) and check the invariants before anything runs."""
     args = argparse.Namespace(**vars(args))  # the caller's namespace stays untouched
-    info = data.dataset_info(args.dataset)
+    try:
+        info = data.dataset_info(args.dataset, args.data_root)  # folder: classes and splits from the root
+    except data.DatasetError as err:
+        raise SystemExit(f"train.py: {err}") from None
     if args.backbone is None:
         args.backbone = "tiny" if args.dataset == "synthetic" else "resnet101"
     if args.resume or args.init:
@@ -215,6 +220,9 @@ def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, data.Dat
         problems.append("--finetune continues from a first-stage model: give it with --init")
     if args.log_every <= 0 or args.save_every <= 0:
         problems.append("--log-every and --save-every must be positive")
+    if args.eval and info.val_split not in info.splits:  # a folder set without images/val: say so now
+        problems.append(f"{args.dataset} has no {info.val_split!r} split for the final evaluation "
+                        f"(splits: {', '.join(info.splits)}); add it or pass --no-eval")
     if problems:
         raise SystemExit("train.py: " + "; ".join(problems))
     return args, info
@@ -534,6 +542,7 @@ def checkpoint(parts: Parts, args: argparse.Namespace, info: data.DatasetInfo, s
         "model": parts.model_without_ddp.state_dict(),
         "meta": {**parts.model_without_ddp.meta, "num_classes": info.num_classes,
                  "class_names": list(info.class_names), "dataset": args.dataset, "loss": args.loss,
+                 "palette": [list(colour) for colour in info.palette],  # a folder set's colours, for infer.py
                  "kernel_sizes": list(args.kernel_sizes)},
         "step": step,
         "args": vars(args),
