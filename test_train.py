@@ -264,8 +264,11 @@ def read_events(folder: Path):
 
 
 def test_tensorboard_repeats_the_log_and_shows_validation_predictions(tmp_path, monkeypatch):
+    import io
+
     import numpy as np
     from PIL import Image
+
     import infer
 
     monkeypatch.setitem(data.SYNTHETIC_LENGTHS, "val", 2)  # a 2-image validation split
@@ -298,7 +301,7 @@ def test_tensorboard_repeats_the_log_and_shows_validation_predictions(tmp_path, 
     info = data.dataset_info("synthetic")
     val = data.build_dataset("synthetic", None, "val", train=False, length=2)
     for tag, sample in zip(tags, (val[0], val[1])):
-        strip = np.array(Image.open(__import__("io").BytesIO(events.Images(tag)[0].encoded_image_string)))
+        strip = np.array(Image.open(io.BytesIO(events.Images(tag)[0].encoded_image_string)))
         height, width = sample["label"].shape
         assert strip.shape == (height, 3 * width + 4, 3) and events.Images(tag)[0].step == 3
         pred = infer.predict(net, sample["image"], info.eval_crop, info.eval_stride).argmax(0).numpy()
