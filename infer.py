@@ -25,8 +25,8 @@ layouts (`--format`), each of which `evaluate.py --pred-dir` reads back:
                 `<city>_<seq>_<frame>*.png` per ground-truth image and compares label ids;
                 submitting train ids scores nearly 0.
 
-    python infer.py --ckpt voc.pt --format voc --input VOCdevkit/VOC2012/JPEGImages \
-        --image-list VOCdevkit/VOC2012/ImageSets/Segmentation/test.txt --out submit/
+    python infer.py --ckpt voc.pt --format voc --out submit/ --input VOCdevkit/VOC2012/JPEGImages
+                    --image-list VOCdevkit/VOC2012/ImageSets/Segmentation/test.txt   (one command)
     python infer.py --ckpt cityscapes.pt --format cityscapes --input cityscapes/leftImg8bit/test --out submit/
 """
 from __future__ import annotations

@@ -414,7 +414,7 @@ def predict_samples(ckpt_path: str, dataset, dataset_name: str, indices: Sequenc
     import infer
     import torch
 
-    model, ckpt, _, info = infer.load_for_inference(ckpt_path, dataset_name, device)
+    model, _, _, info = infer.load_for_inference(ckpt_path, dataset_name, device)
     scales = tuple(scales or info.eval_scales)
     flip = info.eval_flip if flip is None else flip
     preds = []
@@ -441,7 +441,9 @@ def plot_grid(ckpts: Sequence[str], labels: Sequence[str] | None, dataset_name: 
             _, ckpt = model_lib.load_checkpoint(ckpts[0])
         except (FileNotFoundError, ValueError) as error:
             raise SystemExit(f"plot.py: {error}") from None
-        dataset_name = ckpt["meta"].get("dataset") or "synthetic"
+        dataset_name = ckpt["meta"].get("dataset")
+        if dataset_name is None:
+            raise SystemExit(f"plot.py: --dataset is needed ({ckpts[0]} does not name its data set)")
     info = data.dataset_info(dataset_name)
     split = split or info.val_split
     try:
@@ -452,7 +454,10 @@ def plot_grid(ckpts: Sequence[str], labels: Sequence[str] | None, dataset_name: 
     bad = [i for i in indices if not 0 <= i < len(dataset)]
     if bad:
         raise SystemExit(f"plot.py: --indices {bad} outside the {len(dataset)} images of {dataset_name} {split}")
-    preds = [predict_samples(c, dataset, dataset_name, indices, device, scales, flip) for c in ckpts]
+    preds = []
+    for ckpt_path in ckpts:
+        print(f"plot.py: predicting {len(indices)} {dataset_name} {split} image(s) with {ckpt_path}", file=sys.stderr)
+        preds.append(predict_samples(ckpt_path, dataset, dataset_name, indices, device, scales, flip))
     columns = ["image", "ground truth"] + names
     letters = "abcdefghijklmnopqrstuvwxyz"
     height, width = np.asarray(dataset[indices[0]]["label"]).shape

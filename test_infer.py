@@ -264,11 +264,16 @@ def save_tiny_checkpoint(path: Path, dataset: str, seed: int = 0) -> nn.Module:
     return net.eval()
 
 
+# A 64-pixel window instead of VOC's 480 / Cityscapes' 720: the small test images would be padded
+# to the full window, which only costs time here.
+WINDOW = ["--crop-size", "64", "--stride", "48"]
+
+
 def expected_labels(net: nn.Module, dataset: str, rgb: np.ndarray) -> np.ndarray:
     data = pytest.importorskip("data")
     info = data.dataset_info(dataset)
     image = torch.from_numpy(data.normalize(rgb, info.mean, info.std))
-    return infer.predict(net, image, info.eval_crop, info.eval_stride).argmax(0).numpy()
+    return infer.predict(net, image, 64, 48).argmax(0).numpy()
 
 
 def make_voc_root(root: Path, ids: list[str], shape=(40, 56)) -> dict[str, np.ndarray]:
@@ -306,7 +311,7 @@ def test_voc_format_writes_the_server_layout_with_the_voc_colour_map(tmp_path: P
     infer.main(infer.get_args_parser().parse_args(
         ["--ckpt", str(tmp_path / "voc.pt"), "--input", str(voc / "JPEGImages"), "--format", "voc",
          "--image-list", str(voc / "ImageSets" / "Segmentation" / "val.txt"), "--out", str(out), "--device", "cpu",
-         "--scales", "1", "--no-flip"]))  # VOC's 6 scales + flip are tested above; one pass is quicker
+         "--scales", "1", "--no-flip", *WINDOW]))  # VOC's 6 scales + flip are tested above; one pass is quicker
     folder = out / VOC_RESULTS
     # One PNG per listed image (2008_000100 is not listed), nothing else in the folder or beside it.
     assert sorted(p.name for p in folder.iterdir()) == [f"{i}.png" for i in ids]
@@ -325,7 +330,7 @@ def test_voc_format_writes_the_server_layout_with_the_voc_colour_map(tmp_path: P
     from_pngs = evaluate.main(evaluate.get_args_parser().parse_args(
         ["--pred-dir", str(out), *common, "--json", str(tmp_path / "a.json")]))
     from_model = evaluate.main(evaluate.get_args_parser().parse_args(
-        ["--ckpt", str(tmp_path / "voc.pt"), *common, "--device", "cpu", "--scales", "1", "--no-flip",
+        ["--ckpt", str(tmp_path / "voc.pt"), *common, "--device", "cpu", "--scales", "1", "--no-flip", *WINDOW,
          "--json", str(tmp_path / "b.json")]))
     assert from_pngs["settings"]["pred_format"] == "voc"
     assert from_pngs["confusion"] == from_model["confusion"]
@@ -354,6 +359,13 @@ def make_cityscapes_root(root: Path, names: dict[str, list[str]], shape=(36, 52)
     return images
 
 
+def test_cityscapes_label_ids_of_every_train_id():
+    train_ids = np.arange(19, dtype=np.uint8).reshape(1, 19).repeat(2, axis=0)  # [2, 19]
+    np.testing.assert_array_equal(infer.cityscapes_label_ids(train_ids), [CITYSCAPES_LABEL_OF_TRAIN] * 2)
+    with pytest.raises(ValueError, match="0..18"):
+        infer.cityscapes_label_ids(np.array([[0, 255]], np.uint8))  # void has no label id to submit
+
+
 def test_cityscapes_format_writes_label_ids_per_city_and_round_trips(tmp_path: Path):
     from PIL import Image
 
@@ -363,7 +375,7 @@ def test_cityscapes_format_writes_label_ids_per_city_and_round_trips(tmp_path: P
     out = tmp_path / "submit"
     infer.main(infer.get_args_parser().parse_args(
         ["--ckpt", str(tmp_path / "cs.pt"), "--input", str(tmp_path / "cs" / "leftImg8bit" / "val"),
-         "--format", "cityscapes", "--out", str(out), "--device", "cpu"]))
+         "--format", "cityscapes", "--out", str(out), "--device", "cpu", *WINDOW]))
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert written == sorted(f"{city}/{stem}_labelIds.png" for city, stems in names.items() for stem in stems)
     seen = set()
@@ -386,7 +398,7 @@ def test_cityscapes_format_writes_label_ids_per_city_and_round_trips(tmp_path: P
     from_pngs = evaluate.main(evaluate.get_args_parser().parse_args(
         ["--pred-dir", str(out), *common, "--json", str(tmp_path / "a.json")]))
     from_model = evaluate.main(evaluate.get_args_parser().parse_args(
-        ["--ckpt", str(tmp_path / "cs.pt"), *common, "--device", "cpu", "--json", str(tmp_path / "b.json")]))
+        ["--ckpt", str(tmp_path / "cs.pt"), *common, "--device", "cpu", *WINDOW, "--json", str(tmp_path / "b.json")]))
     assert from_pngs["settings"]["pred_format"] == "cityscapes"
     for key in ("confusion", "instance_count"):
         assert from_pngs[key] == from_model[key]
@@ -444,7 +456,7 @@ def test_cityscapes_overlays_inside_the_results_folder_are_refused(tmp_path: Pat
     make_cityscapes_root(tmp_path / "cs", {"ulm": ["ulm_000000_000019"]})
     leftimg = str(tmp_path / "cs" / "leftImg8bit" / "val")
     base = ["--ckpt", str(tmp_path / "cs.pt"), "--input", leftimg, "--format", "cityscapes",
-            "--out", str(tmp_path / "submit"), "--device", "cpu"]
+            "--out", str(tmp_path / "submit"), "--device", "cpu", *WINDOW]
     with pytest.raises(SystemExit, match="must hold the predictions only"):
         infer.main(infer.get_args_parser().parse_args(base + ["--overlay-dir", str(tmp_path / "submit" / "viz")]))
     infer.main(infer.get_args_parser().parse_args(base + ["--overlay-dir", str(tmp_path / "viz")]))

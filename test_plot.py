@@ -16,7 +16,6 @@ import pytest
 import torch
 from PIL import Image
 
-import data
 import evaluate
 import plot
 import train
