@@ -191,7 +191,7 @@ def plot_curves(paths: Sequence[str], labels: Sequence[str] | None, out: str | P
                "images_per_s": "images / s", "fields": "k (pixels)"}
     cols = 3
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(13, 3.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(11.5, 3.2 * rows), squeeze=False)
     for ax, panel in zip(axes.flat, panels):
         ax.set_title(titles[panel])
         ax.set_xlabel("iteration")
@@ -376,8 +376,8 @@ def plot_confusion(series: list[Series], out: str | Path, title: str | None = No
     plt = pyplot()
     class_names = list(series[0][1][0]["class_names"])
     num_classes = len(class_names)
-    side = max(4.0, 0.42 * num_classes + 1.8)
-    fig, axes = plt.subplots(1, len(series), figsize=(side * len(series) + 1.5, side + 0.6), squeeze=False,
+    side = max(4.0, 0.33 * num_classes + 1.6)  # two 11-class panels: about 1400 px wide
+    fig, axes = plt.subplots(1, len(series), figsize=(side * len(series) + 1.2, side + 0.6), squeeze=False,
                              layout="constrained")
     image = None
     for panel, (ax, (label, results)) in enumerate(zip(axes[0], series)):
@@ -461,7 +461,7 @@ def plot_grid(ckpts: Sequence[str], labels: Sequence[str] | None, dataset_name: 
     columns = ["image", "ground truth"] + names
     letters = "abcdefghijklmnopqrstuvwxyz"
     height, width = np.asarray(dataset[indices[0]]["label"]).shape
-    cell = 2.6
+    cell = 2.2  # inches per panel: five columns make about 1300 px
     fig, axes = plt.subplots(len(indices), len(columns), squeeze=False, layout="constrained",
                              figsize=(cell * len(columns), cell * height / width * len(indices) + 0.9))
     for row, index in enumerate(indices):
@@ -552,4 +552,7 @@ def main(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    try:
+        main(get_args_parser().parse_args())
+    except data.DatasetError as error:  # an unreadable image or label map: one line naming it
+        raise SystemExit(f"plot.py: {error}") from None
