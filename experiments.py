@@ -237,7 +237,9 @@ def figure_commands(name: str, args: argparse.Namespace) -> list[list[str]]:
     if len(logs) < len(methods) or len(ckpts) < len(methods):
         print(f"{name}: training curves and predictions need the seed-{seed} run folders of "
               f"{', '.join(methods)} under {shown(Path(args.out) / name)}; not all are here, so those figures "
-              f"are left out (`python experiments.py run {name} --seeds {seed}` makes them)", file=sys.stderr)
+              f"are left out (train them with the per-seed commands of results/{name}.md, S = {seed}; "
+              f"`experiments.py run --seeds {seed}` would also rewrite the tables from that seed alone)",
+              file=sys.stderr)
     elif needs_root:
         print(f"{name}: the predictions figure needs --data-root; left out", file=sys.stderr)
     return commands
