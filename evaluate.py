@@ -674,27 +674,93 @@ def evaluate_model(model: torch.nn.Module, dataset, dataset_name: str, metrics: 
     return summarize(raw, info.class_names, dataset_name, settings)
 
 
+PRED_FORMATS = ("auto",) + infer.OUTPUT_FORMATS
+# Cityscapes label ids of void classes that a 19-class prediction never holds but a map of train
+# ids nearly always does (1 sidewalk, 2 building, ..., 6 traffic light).
+_CITYSCAPES_VOID_LOW_IDS = (1, 2, 3, 4, 5, 6)
+
+
+def detect_pred_format(pred_dir: Path, first_name: str, dataset_name: str) -> str:
+    """The layout of infer.py --format that `pred_dir` holds: voc when it has the VOC server's
+    results folder, palette when `<pred_dir>/<first sample>.png` exists, else cityscapes for
+    Cityscapes (label ids somewhere below, found as cityscapesScripts finds them)."""
+    if (pred_dir / infer.VOC_RESULTS_DIR).is_dir():
+        return "voc"
+    if (pred_dir / f"{first_name}.png").is_file() or dataset_name != "cityscapes":
+        return "palette"
+    return "cityscapes"
+
+
+def cityscapes_prediction_index(pred_dir: Path) -> dict[str, list[Path]]:
+    """Every PNG below `pred_dir` under its `<city>_<seq>_<frame>` prefix: cityscapesScripts'
+    matching (`<city>_<seq>_<frame>*.png`, searched recursively; more than one match is an error),
+    the same for Cityscapes' fixed-width numbers."""
+    index: dict[str, list[Path]] = {}
+    for path in sorted(pred_dir.rglob("*.png")):
+        index.setdefault("_".join(path.stem.split("_")[:3]), []).append(path)
+    return index
+
+
 def evaluate_predictions(pred_dir: str | os.PathLike, dataset, dataset_name: str,
                          metrics: Sequence[str] = ("miou",), max_dist: float = DEFAULT_MAX_DIST,
-                         workers: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Score saved label PNGs `<pred_dir>/<sample name>.png` (palette indices = class ids)."""
+                         workers: int = 0, progress: bool = True, pred_format: str = "auto") -> dict[str, Any]:
+    """Score saved label PNGs in one of infer.py's layouts (`pred_format`, see infer.py):
+    palette `<pred_dir>/<name>.png` and voc `<pred_dir>/results/VOC2012/Segmentation/comp6_test_cls/
+    <name>.png` hold class ids; cityscapes `<pred_dir>/**/<name>*.png` holds Cityscapes label ids,
+    mapped to train ids with the official table (the other label ids become 255, a miss of the
+    true class as in cityscapesScripts). "auto" picks the layout with `detect_pred_format`."""
     info = getattr(dataset, "info", None) or data.dataset_info(dataset_name)  # a folder set carries its own
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise FileNotFoundError(f"--pred-dir {pred_dir} is not a folder")
+    if pred_format not in PRED_FORMATS:
+        raise ValueError(f"unknown prediction format {pred_format!r}; choose from {', '.join(PRED_FORMATS)}")
+    if pred_format == "auto":
+        first = dataset[0]["name"] if len(dataset) else ""
+        pred_format = detect_pred_format(pred_dir, first, dataset_name)
+    if pred_format == "cityscapes" and dataset_name != "cityscapes":
+        raise ValueError(f"--pred-format cityscapes holds Cityscapes label ids; the data set is {dataset_name}")
+    folder = pred_dir / infer.VOC_RESULTS_DIR if pred_format == "voc" else pred_dir
+    by_prefix = cityscapes_prediction_index(pred_dir) if pred_format == "cityscapes" else {}
+    if progress:
+        print(f"evaluate.py: reading {pred_format} predictions from {folder}", file=sys.stderr)
+    warned = False
+
+    def read(name: str) -> tuple[Path, np.ndarray]:
+        nonlocal warned
+        if pred_format != "cityscapes":
+            path = folder / f"{name}.png"
+            if not path.is_file():
+                raise FileNotFoundError(f"no prediction for {name}: {path} is missing")
+            return path, compact_labels(data.read_label(path))
+        found = by_prefix.get(name, [])
+        if not found:
+            raise FileNotFoundError(f"no prediction for {name}: no {name}*.png under {pred_dir}")
+        if len(found) > 1:  # cityscapesScripts stops here too
+            raise ValueError(f"{len(found)} predictions for {name} under {pred_dir} ({found[0]}, {found[1]}); "
+                             f"cityscapes layout: exactly one <city>_<seq>_<frame>*.png per image")
+        path = found[0]
+        label_ids = data.read_label(path)
+        if not warned and np.isin(label_ids, _CITYSCAPES_VOID_LOW_IDS).any():
+            print(f"evaluate.py: warning: {path} holds label ids 1..6 (void classes a 19-class model never "
+                  f"predicts): are these train ids? infer.py --format cityscapes writes label ids", file=sys.stderr)
+            warned = True
+        return path, data.decode_label(label_ids, data.LABEL_CODECS["cityscapes"], path)  # -> train ids
 
     def pairs() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
         for index in range(len(dataset)):
             sample = dataset[index]
-            path = pred_dir / f"{sample['name']}.png"
-            if not path.is_file():
-                raise FileNotFoundError(f"no prediction for {sample['name']}: {path} is missing")
+            path, pred = read(sample["name"])
             gt, instances = sample_arrays(sample)
-            yield compact_labels(data.read_label(path)), gt, instances
+            if pred.shape != gt.shape:
+                raise ValueError(f"{path}: prediction is {pred.shape[1]}x{pred.shape[0]} pixels but the ground truth "
+                                 f"of {sample['name']} is {gt.shape[1]}x{gt.shape[0]} (width x height)")
+            yield pred, gt, instances
 
     raw = score_pairs(pairs(), info.num_classes, dataset_name, metrics, max_dist, workers,
                       total=len(dataset), progress=progress)
-    return summarize(raw, info.class_names, dataset_name, {"pred_dir": str(pred_dir), "max_dist": max_dist})
+    return summarize(raw, info.class_names, dataset_name,
+                     {"pred_dir": str(pred_dir), "pred_format": pred_format, "max_dist": max_dist})
 
 
 # --------------------------------------------------------------------------------------------
@@ -790,6 +856,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", help="checkpoint of train.py (not needed with --pred-dir)")
     parser.add_argument("--pred-dir", help="score saved label PNGs <pred-dir>/<name>.png instead of a model")
+    parser.add_argument("--pred-format", default="auto", choices=PRED_FORMATS,
+                        help="layout of --pred-dir, as infer.py --format writes it: palette (<name>.png, class "
+                             "ids), voc (results/VOC2012/Segmentation/comp6_test_cls/<name>.png), cityscapes "
+                             "(<city>/<name>*.png, label ids); default auto: voc if that folder exists, palette "
+                             "if <name>.png does, else cityscapes for Cityscapes")
     parser.add_argument("--dataset", help="voc, cityscapes, gta5, camvid, synthetic, folder (default: the checkpoint's; "
                                           f"folder: your own data at --data-root, window {data.FOLDER_DEFAULTS.eval_crop} "
                                           f"stride {data.FOLDER_DEFAULTS.eval_stride})")
@@ -840,7 +911,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         results["checkpoint"] = str(args.ckpt)
         default_json = Path(args.ckpt).parent / f"eval_{dataset_name}_{split}_{args.metric}.json"
     else:
-        results = evaluate_predictions(args.pred_dir, dataset, dataset_name, metrics, args.max_dist, args.workers)
+        results = evaluate_predictions(args.pred_dir, dataset, dataset_name, metrics, args.max_dist, args.workers,
+                                       pred_format=args.pred_format)
         default_json = Path(args.pred_dir) / f"eval_{dataset_name}_{split}_{args.metric}.json"
     results["split"] = split
     if "instance_miou" in results:  # n_{c,x} from instance maps, or one per present class without them

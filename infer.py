@@ -10,14 +10,31 @@ with the mean colour after normalisation. Each crop's stride-8 logits are upsamp
 and turned into probabilities; overlapping crops average their probabilities. Every scale of
 the image (and its mirror image) is predicted that way, resized back to the image and summed.
 
-`predict` is what evaluate.py calls; the CLI writes palette label PNGs (the format
-`evaluate.py --pred-dir` reads) and colour overlays.
+`predict` is what evaluate.py calls. The CLI writes one label PNG per image in one of three
+layouts (`--format`), each of which `evaluate.py --pred-dir` reads back:
+
+    palette     <out>/<name>.png, palette PNGs whose indices are the class (train) ids, and
+                <out>/<name>_overlay.png colour overlays (the default)
+    voc         <out>/results/VOC2012/Segmentation/comp6_test_cls/<image id>.png: indexed PNGs with
+                the VOC colour map, the layout of the PASCAL VOC evaluation server's archive
+                (`tar -czf results.tgz -C <out> results`). comp6 is the competition open to
+                outside training data (ImageNet, SBD); comp5 would be VOC data only.
+    cityscapes  <out>/<city>/<city>_<seq>_<frame>_labelIds.png, 8-bit grey PNGs of Cityscapes
+                *label ids* (train ids mapped back with the official table): cityscapesScripts'
+                evalPixelLevelSemanticLabeling searches its results folder recursively for one
+                `<city>_<seq>_<frame>*.png` per ground-truth image and compares label ids;
+                submitting train ids scores nearly 0.
+
+    python infer.py --ckpt voc.pt --format voc --out submit/ --input VOCdevkit/VOC2012/JPEGImages
+                    --image-list VOCdevkit/VOC2012/ImageSets/Segmentation/test.txt   (one command)
+    python infer.py --ckpt cityscapes.pt --format cityscapes --input cityscapes/leftImg8bit/test --out submit/
 """
 from __future__ import annotations
 
 import argparse
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -30,6 +47,10 @@ import data
 from model import OUTPUT_STRIDE
 
 OVERLAY_ALPHA = 0.5  # weight of the label colours in the overlay images
+OUTPUT_FORMATS = ("palette", "voc", "cityscapes")
+# Where the VOC evaluation server looks inside the submitted archive (VOC2012 devkit, section 5.3).
+VOC_RESULTS_DIR = Path("results", "VOC2012", "Segmentation", "comp6_test_cls")
+PROGRESS_EVERY_S = 2.0  # seconds between progress lines
 
 
 def window_starts(size: int, crop: int, stride: int) -> list[int]:
@@ -171,8 +192,20 @@ def overlay(rgb: np.ndarray, label: np.ndarray, palette, alpha: float = OVERLAY_
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
-    parser.add_argument("--input", required=True, help="an image or a folder of images")
-    parser.add_argument("--out", required=True, help="output folder: <stem>.png labels, <stem>_overlay.png")
+    parser.add_argument("--input", required=True, help="an image or a folder of images (searched recursively)")
+    parser.add_argument("--out", required=True, help="output folder; what goes where depends on --format")
+    parser.add_argument("--format", default="palette", choices=OUTPUT_FORMATS,
+                        help="palette: <out>/<name>.png class ids + overlays; voc: the VOC evaluation server's "
+                             "results/VOC2012/Segmentation/comp6_test_cls/<id>.png; cityscapes: "
+                             "<out>/<city>/<city>_<seq>_<frame>_labelIds.png with Cityscapes label ids "
+                             "(default: palette)")
+    parser.add_argument("--image-list", metavar="FILE",
+                        help="predict only the images whose names (file stems) FILE lists, one per line, e.g. "
+                             "VOC2012/ImageSets/Segmentation/test.txt (default: every image under --input)")
+    parser.add_argument("--overlay-dir", metavar="DIR",
+                        help="where to write <name>_overlay.png colour overlays, or 'none' (default: --out for "
+                             "--format palette, none for voc/cityscapes, whose folders must hold the "
+                             "predictions only)")
     parser.add_argument("--dataset", help="data set whose palette/normalisation to use (default: the checkpoint's)")
     parser.add_argument("--scales", type=float, nargs="+", help="test scales (default: the data set's)")
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
@@ -203,27 +236,145 @@ def load_for_inference(ckpt_path: str, dataset: str | None, device: str, data_ro
     return model, ckpt, dataset_name, info
 
 
+def read_image_list(path: Path, images: list[Path]) -> list[Path]:
+    """The images of `images` named in the list file `path` (one name per line), in its order."""
+    try:
+        wanted = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise SystemExit(f"infer.py: cannot read --image-list {path}: {error}") from None
+    by_name = {data.image_name(image): image for image in images}
+    missing = [name for name in wanted if name not in by_name]
+    if missing:
+        raise SystemExit(f"infer.py: {len(missing)} of the {len(wanted)} images listed in {path} are not under "
+                         f"--input (e.g. {', '.join(missing[:3])})")
+    return [by_name[name] for name in wanted]
+
+
+def cityscapes_city(name: str, source: str | Path) -> str:
+    """The city of a Cityscapes image name `<city>_<seq>_<frame>` (split at '_' as cityscapesScripts does)."""
+    parts = name.split("_")
+    if len(parts) != 3 or not (parts[1].isdigit() and parts[2].isdigit()):
+        raise SystemExit(f"infer.py: {source}: --format cityscapes needs Cityscapes image names "
+                         f"<city>_<seq>_<frame>_leftImg8bit.png (as in leftImg8bit/<split>/<city>/)")
+    return parts[0]
+
+
+def prediction_path(out: Path, fmt: str, name: str, source: str | Path | None = None) -> Path:
+    """Where `--format fmt` puts the prediction of the image named `name` (see the module docstring)."""
+    if fmt == "voc":
+        return out / VOC_RESULTS_DIR / f"{name}.png"
+    if fmt == "cityscapes":
+        return out / cityscapes_city(name, source or name) / f"{name}_labelIds.png"
+    return out / f"{name}.png"
+
+
+def cityscapes_label_ids(train_ids: np.ndarray) -> np.ndarray:
+    """[H, W] Cityscapes train ids 0..18 -> label ids (uint8), the official table inverted
+    (data.CITYSCAPES_LABEL_TO_TRAIN: 0 road -> 7, ..., 18 bicycle -> 33)."""
+    train_ids = np.asarray(train_ids)
+    num_classes = len(data.CITYSCAPES_LABEL_TO_TRAIN)
+    if train_ids.size and (train_ids.min() < 0 or train_ids.max() >= num_classes):
+        raise ValueError(f"Cityscapes train ids must be 0..{num_classes - 1}, got values up to {train_ids.max()}")
+    lut = np.zeros(num_classes, np.uint8)
+    for label_id, train_id in data.CITYSCAPES_LABEL_TO_TRAIN.items():
+        lut[train_id] = label_id
+    return lut[train_ids.astype(np.intp)]
+
+
+def write_prediction(path: Path, label: np.ndarray, fmt: str, palette) -> None:
+    """One prediction `[H, W]` (class ids) in the file format of `fmt`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "cityscapes":  # single-channel 8-bit, as cityscapesScripts reads it (np.array(Image.open))
+        Image.fromarray(cityscapes_label_ids(label), mode="L").save(path)
+    elif fmt == "voc":  # indexed PNG with all 256 colours of VOC's map, as the devkit's own PNGs have
+        data.save_label_png(path, label, data.voc_palette(256))
+    else:  # indexed PNG, index = class id, the data set's colours
+        data.save_label_png(path, label, palette)
+
+
+def check_output_layout(args: argparse.Namespace, dataset_name: str, out: Path) -> Path | None:
+    """The overlay folder (None: no overlays), after checking that --format suits the data set and
+    that nothing but predictions will land where a test server looks."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"infer.py: --out {out} is a file; expected a folder (it is created if missing)")
+    if args.format == "voc" and dataset_name != "voc":
+        raise SystemExit(f"infer.py: --format voc is the PASCAL VOC server's layout; this is a {dataset_name} model")
+    if args.format == "cityscapes" and dataset_name != "cityscapes":
+        raise SystemExit(f"infer.py: --format cityscapes writes Cityscapes label ids; this is a {dataset_name} model")
+    if args.overlay_dir is None:
+        return out if args.format == "palette" else None
+    if args.overlay_dir.lower() == "none":
+        return None
+    overlays = Path(args.overlay_dir)
+    if overlays.exists() and not overlays.is_dir():
+        raise SystemExit(f"infer.py: --overlay-dir {overlays} is a file; expected a folder")
+    # The server's search area: the VOC results folder, or all of --out for cityscapesScripts,
+    # whose recursive search would take <name>_overlay.png for a second prediction of <name>.
+    guarded = {"voc": out / VOC_RESULTS_DIR, "cityscapes": out}.get(args.format)
+    if guarded is not None:
+        resolved, protected = overlays.resolve(), guarded.resolve()
+        if resolved == protected or protected in resolved.parents:
+            raise SystemExit(f"infer.py: --overlay-dir {overlays} is inside {guarded}, which must hold the "
+                             f"predictions only (--format {args.format}); choose another folder or none")
+    return overlays
+
+
 def main(args: argparse.Namespace) -> None:
+    import evaluate  # progress_line; imported here because evaluate.py imports this module
+
     model, ckpt, dataset_name, info = load_for_inference(args.ckpt, args.dataset, args.device)
+    out = Path(args.out)
+    overlays = check_output_layout(args, dataset_name, out)
     crop_size = args.crop_size or info.eval_crop
     stride = args.stride or info.eval_stride
     scales = tuple(args.scales or info.eval_scales)
     flip = info.eval_flip if args.flip is None else args.flip
     palette = info.palette
     images = list_images(Path(args.input))
-    out = Path(args.out)
+    if args.image_list:
+        images = read_image_list(Path(args.image_list), images)
+    targets = [prediction_path(out, args.format, data.image_name(path), path) for path in images]
+    clashes = len(targets) - len(set(targets))
+    if clashes:  # e.g. a.png beside a.jpg, or one name in two sub-folders
+        raise SystemExit(f"infer.py: {clashes} image(s) under --input share a name with another, so their "
+                         f"predictions would overwrite each other; pass a folder with unique file names")
     out.mkdir(parents=True, exist_ok=True)
-    print(f"{len(images)} image(s), crop {crop_size} stride {stride}, scales {list(scales)}, flip {flip}",
-          file=sys.stderr)
-    for path in images:
+    print(f"{len(images)} image(s), crop {crop_size} stride {stride}, scales {list(scales)}, flip {flip}, "
+          f"--format {args.format} -> {out}", file=sys.stderr)
+    start = last_print = time.perf_counter()
+    for done, (path, target) in enumerate(zip(images, targets), 1):
         rgb = data.read_image(path)  # [H, W, 3] uint8
         image = torch.from_numpy(data.normalize(rgb, info.mean, info.std))  # [3, H, W] float32
         probs = predict(model, image, crop_size, stride, scales=scales, flip=flip)
-        label = probs.argmax(dim=0).to(torch.uint8).cpu().numpy()  # [H, W]
-        name = data.image_name(path)                     # the name evaluate.py --pred-dir looks for
-        data.save_label_png(out / f"{name}.png", label, palette)
-        Image.fromarray(overlay(rgb, label, palette)).save(out / f"{name}_overlay.png")
-        print(f"{path} -> {out / (name + '.png')}", file=sys.stderr)
+        label = probs.argmax(dim=0).to(torch.uint8).cpu().numpy()  # [H, W] class (train) ids
+        write_prediction(target, label, args.format, palette)
+        if overlays is not None:
+            overlays.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(overlay(rgb, label, palette)).save(overlays / f"{data.image_name(path)}_overlay.png")
+        now = time.perf_counter()
+        if now - last_print > PROGRESS_EVERY_S or done == len(images):
+            print(f"{evaluate.progress_line(done, len(images), start)}  {path} -> {target}",
+                  file=sys.stderr, flush=True)
+            last_print = now
+    report_submission(args.format, out, set(targets))
+
+
+def report_submission(fmt: str, out: Path, written: set[Path]) -> None:
+    """For the test-server formats: warn about stray PNGs where the server looks, and say how to
+    pack or score the folder."""
+    if fmt == "palette":
+        return
+    area = out / VOC_RESULTS_DIR if fmt == "voc" else out
+    stray = sorted(p for p in area.rglob("*.png") if p not in written)
+    if stray:
+        print(f"infer.py: note: {area} also holds {len(stray)} PNG file(s) this run did not write "
+              f"(e.g. {stray[0]}); remove them before packing the archive", file=sys.stderr)
+    if fmt == "voc":
+        print(f"VOC evaluation server archive: tar -czf results.tgz -C {out} results", file=sys.stderr)
+    else:
+        print(f"Cityscapes: score with CITYSCAPES_RESULTS={out} csEvalPixelLevelSemanticLabeling (cityscapesScripts) "
+              f"or python evaluate.py --pred-dir {out} --dataset cityscapes; the server takes a zip of {out}",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":

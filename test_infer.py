@@ -230,3 +230,272 @@ def test_cli_writes_palette_labels_and_overlays(tmp_path: Path):
     np.testing.assert_array_equal(np.array(label_png), expected)
     overlay = np.array(Image.open(tmp_path / "out" / "a_overlay.png"))
     assert overlay.shape == (30, 44, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# Test-server layouts (--format voc | cityscapes) and evaluate.py --pred-dir reading them back
+# --------------------------------------------------------------------------------------------
+VOC_RESULTS = Path("results", "VOC2012", "Segmentation", "comp6_test_cls")
+# The official Cityscapes labelId of each train id 0..18, written out here (cityscapesScripts'
+# labels.py), not read from data.py.
+CITYSCAPES_LABEL_OF_TRAIN = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
+
+
+def voc_colour(index: int) -> tuple[int, int, int]:
+    """VOC devkit's VOClabelcolormap, literally: bit 3k+j of the index is bit 7-k of channel j."""
+    rgb = [0, 0, 0]
+    for k in range(8):
+        for j in range(3):
+            rgb[j] |= ((index >> (3 * k + j)) & 1) << (7 - k)
+    return tuple(rgb)
+
+
+def save_tiny_checkpoint(path: Path, dataset: str, seed: int = 0) -> nn.Module:
+    """An untrained tiny FCN for `dataset` with a spread-out classifier, so that many classes occur."""
+    model_lib = pytest.importorskip("model")
+    data = pytest.importorskip("data")
+    info = data.dataset_info(dataset)
+    torch.manual_seed(seed)
+    net = model_lib.build_model("fcn", info.num_classes, backbone="tiny")
+    with torch.no_grad():
+        net.classifier.weight.normal_(0, 3.0)
+    meta = {**net.meta, "class_names": list(info.class_names), "dataset": dataset, "loss": "ce", "kernel_sizes": []}
+    model_lib.save_checkpoint({"model": net.state_dict(), "meta": meta}, path)
+    return net.eval()
+
+
+# A 64-pixel window instead of VOC's 480 / Cityscapes' 720: the small test images would be padded
+# to the full window, which only costs time here.
+WINDOW = ["--crop-size", "64", "--stride", "48"]
+
+
+def expected_labels(net: nn.Module, dataset: str, rgb: np.ndarray) -> np.ndarray:
+    data = pytest.importorskip("data")
+    info = data.dataset_info(dataset)
+    image = torch.from_numpy(data.normalize(rgb, info.mean, info.std))
+    return infer.predict(net, image, 64, 48).argmax(0).numpy()
+
+
+def make_voc_root(root: Path, ids: list[str], shape=(40, 56)) -> dict[str, np.ndarray]:
+    """VOCdevkit/VOC2012 with JPEG images, class and object PNGs and a val list; returns the RGBs
+    as they decode from the JPEGs."""
+    from PIL import Image
+
+    voc = root / "VOCdevkit" / "VOC2012"
+    rng = np.random.default_rng(0)
+    images = {}
+    for sub in ("JPEGImages", "SegmentationClass", "SegmentationObject", "ImageSets/Segmentation"):
+        (voc / sub).mkdir(parents=True, exist_ok=True)
+    for i in ids:
+        Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(voc / "JPEGImages" / f"{i}.jpg")
+        images[i] = np.array(Image.open(voc / "JPEGImages" / f"{i}.jpg").convert("RGB"))
+        cls = rng.integers(0, 21, shape).astype(np.uint8)
+        cls[:3] = 255  # a void band
+        for folder, values in (("SegmentationClass", cls), ("SegmentationObject", cls)):
+            im = Image.fromarray(values, mode="L")
+            im.putpalette([v for c in range(256) for v in voc_colour(c)])
+            im.save(voc / folder / f"{i}.png")
+    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(ids) + "\n")
+    return images
+
+
+def test_voc_format_writes_the_server_layout_with_the_voc_colour_map(tmp_path: Path):
+    from PIL import Image
+
+    ids = ["2008_000002", "2008_000009"]
+    images = make_voc_root(tmp_path, ids)
+    voc = tmp_path / "VOCdevkit" / "VOC2012"
+    net = save_tiny_checkpoint(tmp_path / "voc.pt", "voc")
+    (voc / "JPEGImages" / "2008_000100.jpg").write_bytes((voc / "JPEGImages" / "2008_000002.jpg").read_bytes())
+    out = tmp_path / "submit"
+    infer.main(infer.get_args_parser().parse_args(
+        ["--ckpt", str(tmp_path / "voc.pt"), "--input", str(voc / "JPEGImages"), "--format", "voc",
+         "--image-list", str(voc / "ImageSets" / "Segmentation" / "val.txt"), "--out", str(out), "--device", "cpu",
+         "--scales", "1", "--no-flip", *WINDOW]))  # VOC's 6 scales + flip are tested above; one pass is quicker
+    folder = out / VOC_RESULTS
+    # One PNG per listed image (2008_000100 is not listed), nothing else in the folder or beside it.
+    assert sorted(p.name for p in folder.iterdir()) == [f"{i}.png" for i in ids]
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == \
+        sorted(str(VOC_RESULTS / f"{i}.png") for i in ids)
+    full_map = [v for c in range(256) for v in voc_colour(c)]
+    for i in ids:
+        png = Image.open(folder / f"{i}.png")
+        assert png.mode == "P"
+        assert png.getpalette()[:768] == full_map  # the devkit's 256-colour map, 255 = (224, 224, 192)
+        np.testing.assert_array_equal(np.array(png), expected_labels(net, "voc", images[i]))
+    # evaluate.py --pred-dir finds the layout by itself and scores it as the model does.
+    import evaluate
+
+    common = ["--dataset", "voc", "--data-root", str(tmp_path / "VOCdevkit"), "--metric", "miou", "--workers", "0"]
+    from_pngs = evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--pred-dir", str(out), *common, "--json", str(tmp_path / "a.json")]))
+    from_model = evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--ckpt", str(tmp_path / "voc.pt"), *common, "--device", "cpu", "--scales", "1", "--no-flip", *WINDOW,
+         "--json", str(tmp_path / "b.json")]))
+    assert from_pngs["settings"]["pred_format"] == "voc"
+    assert from_pngs["confusion"] == from_model["confusion"]
+    assert np.array(from_pngs["confusion"]).sum() > 0
+
+
+def make_cityscapes_root(root: Path, names: dict[str, list[str]], shape=(36, 52)) -> dict[str, np.ndarray]:
+    """leftImg8bit/val/<city>/<stem>_leftImg8bit.png and gtFine label/instance ids; returns RGBs."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    images = {}
+    for city, stems in names.items():
+        for sub in ("leftImg8bit", "gtFine"):
+            (root / sub / "val" / city).mkdir(parents=True, exist_ok=True)
+        for stem in stems:
+            rgb = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+            Image.fromarray(rgb).save(root / "leftImg8bit" / "val" / city / f"{stem}_leftImg8bit.png")
+            images[stem] = rgb
+            label_ids = rng.choice([0, 1, 4, *CITYSCAPES_LABEL_OF_TRAIN], size=shape).astype(np.uint8)
+            Image.fromarray(label_ids, mode="L").save(root / "gtFine" / "val" / city / f"{stem}_gtFine_labelIds.png")
+            instance_ids = label_ids.astype(np.uint16)  # stuff: the label id; things: id * 1000 + k
+            things = label_ids >= 24
+            instance_ids[things] = instance_ids[things] * 1000 + (np.indices(shape)[1][things] // 13)
+            Image.fromarray(instance_ids).save(root / "gtFine" / "val" / city / f"{stem}_gtFine_instanceIds.png")
+    return images
+
+
+def test_cityscapes_label_ids_of_every_train_id():
+    train_ids = np.arange(19, dtype=np.uint8).reshape(1, 19).repeat(2, axis=0)  # [2, 19]
+    np.testing.assert_array_equal(infer.cityscapes_label_ids(train_ids), [CITYSCAPES_LABEL_OF_TRAIN] * 2)
+    with pytest.raises(ValueError, match="0..18"):
+        infer.cityscapes_label_ids(np.array([[0, 255]], np.uint8))  # void has no label id to submit
+
+
+def test_cityscapes_format_writes_label_ids_per_city_and_round_trips(tmp_path: Path):
+    from PIL import Image
+
+    names = {"bad-honnef": ["bad-honnef_000001_000019"], "ulm": ["ulm_000000_000019", "ulm_000003_000123"]}
+    images = make_cityscapes_root(tmp_path / "cs", names)
+    net = save_tiny_checkpoint(tmp_path / "cs.pt", "cityscapes")
+    out = tmp_path / "submit"
+    infer.main(infer.get_args_parser().parse_args(
+        ["--ckpt", str(tmp_path / "cs.pt"), "--input", str(tmp_path / "cs" / "leftImg8bit" / "val"),
+         "--format", "cityscapes", "--out", str(out), "--device", "cpu", *WINDOW]))
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert written == sorted(f"{city}/{stem}_labelIds.png" for city, stems in names.items() for stem in stems)
+    seen = set()
+    for city, stems in names.items():
+        for stem in stems:
+            png = Image.open(out / city / f"{stem}_labelIds.png")
+            assert png.mode == "L"  # one channel, as cityscapesScripts requires
+            label_ids = np.array(png)
+            train_ids = expected_labels(net, "cityscapes", images[stem])
+            # Every pixel holds the official label id of the predicted train id, and back.
+            np.testing.assert_array_equal(label_ids, np.array(CITYSCAPES_LABEL_OF_TRAIN)[train_ids])
+            back = np.full(256, 255)
+            back[list(CITYSCAPES_LABEL_OF_TRAIN)] = np.arange(19)
+            np.testing.assert_array_equal(back[label_ids], train_ids)
+            seen |= set(np.unique(train_ids).tolist())
+    assert len(seen) > 5  # many classes occur, so a wrong table would show
+    import evaluate
+
+    common = ["--dataset", "cityscapes", "--data-root", str(tmp_path / "cs"), "--metric", "all", "--workers", "0"]
+    from_pngs = evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--pred-dir", str(out), *common, "--json", str(tmp_path / "a.json")]))
+    from_model = evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--ckpt", str(tmp_path / "cs.pt"), *common, "--device", "cpu", *WINDOW, "--json", str(tmp_path / "b.json")]))
+    assert from_pngs["settings"]["pred_format"] == "cityscapes"
+    for key in ("confusion", "instance_count"):
+        assert from_pngs[key] == from_model[key]
+    assert from_pngs["boundary"]["counts"] == from_model["boundary"]["counts"]
+    # A second file matching <city>_<seq>_<frame>*.png is refused, as cityscapesScripts does.
+    (out / "ulm" / "ulm_000000_000019_overlay.png").write_bytes((out / "ulm" / "ulm_000000_000019_labelIds.png").read_bytes())
+    with pytest.raises(ValueError, match="2 predictions for ulm_000000_000019"):
+        evaluate.main(evaluate.get_args_parser().parse_args(["--pred-dir", str(out), *common]))
+
+
+def test_cityscapes_pred_dir_reads_label_ids_not_train_ids(tmp_path: Path, capsys):
+    """Train ids saved where label ids belong must not score as if they were right."""
+    from PIL import Image
+    import evaluate
+
+    names = {"ulm": ["ulm_000000_000019"]}
+    make_cityscapes_root(tmp_path / "cs", names)
+    gt = np.array(Image.open(tmp_path / "cs" / "gtFine" / "val" / "ulm" / "ulm_000000_000019_gtFine_labelIds.png"))
+    back = np.full(256, 255, np.uint8)
+    back[list(CITYSCAPES_LABEL_OF_TRAIN)] = np.arange(19)
+    train_ids = back[gt]  # the perfect prediction, as train ids
+    common = ["--dataset", "cityscapes", "--data-root", str(tmp_path / "cs"), "--metric", "miou", "--workers", "0"]
+    for folder, values, expect in (("right", gt, 1.0), ("wrong", train_ids, None)):
+        (tmp_path / folder / "ulm").mkdir(parents=True)
+        Image.fromarray(values, mode="L").save(tmp_path / folder / "ulm" / "ulm_000000_000019_pred.png")
+        result = evaluate.main(evaluate.get_args_parser().parse_args(
+            ["--pred-dir", str(tmp_path / folder), "--pred-format", "cityscapes", *common]))
+        if expect is not None:
+            assert result["miou"] == pytest.approx(expect)
+        else:
+            assert result["miou"] < 0.5
+            assert "are these train ids" in capsys.readouterr().err
+
+
+def test_infer_refuses_bad_outputs_in_one_line(tmp_path: Path):
+    from PIL import Image
+
+    save_tiny_checkpoint(tmp_path / "syn.pt", "synthetic")
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "file.txt").write_text("x")
+    base = ["--ckpt", str(tmp_path / "syn.pt"), "--input", str(tmp_path / "a.png"), "--device", "cpu"]
+    cases = [
+        (["--out", str(tmp_path / "file.txt")], "is a file; expected a folder"),
+        (["--out", str(tmp_path / "o"), "--format", "voc"], "synthetic model"),
+        (["--out", str(tmp_path / "o"), "--format", "cityscapes"], "synthetic model"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            infer.main(infer.get_args_parser().parse_args(base + extra))
+    assert not (tmp_path / "o").exists()  # nothing written before the refusal
+
+
+def test_cityscapes_overlays_inside_the_results_folder_are_refused(tmp_path: Path):
+    save_tiny_checkpoint(tmp_path / "cs.pt", "cityscapes")
+    make_cityscapes_root(tmp_path / "cs", {"ulm": ["ulm_000000_000019"]})
+    leftimg = str(tmp_path / "cs" / "leftImg8bit" / "val")
+    base = ["--ckpt", str(tmp_path / "cs.pt"), "--input", leftimg, "--format", "cityscapes",
+            "--out", str(tmp_path / "submit"), "--device", "cpu", *WINDOW]
+    with pytest.raises(SystemExit, match="must hold the predictions only"):
+        infer.main(infer.get_args_parser().parse_args(base + ["--overlay-dir", str(tmp_path / "submit" / "viz")]))
+    infer.main(infer.get_args_parser().parse_args(base + ["--overlay-dir", str(tmp_path / "viz")]))
+    assert (tmp_path / "viz" / "ulm_000000_000019_overlay.png").is_file()
+    assert [p.name for p in (tmp_path / "submit").rglob("*.png")] == ["ulm_000000_000019_labelIds.png"]
+    # A file whose name is not <city>_<seq>_<frame> cannot be matched by cityscapesScripts.
+    from PIL import Image
+
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "photo.png")
+    with pytest.raises(SystemExit, match="photo.png: --format cityscapes needs Cityscapes image names"):
+        infer.main(infer.get_args_parser().parse_args(
+            ["--ckpt", str(tmp_path / "cs.pt"), "--input", str(tmp_path / "photo.png"), "--format", "cityscapes",
+             "--out", str(tmp_path / "x"), "--device", "cpu"]))
+
+
+def test_progress_line_with_eta_on_stderr(tmp_path: Path, capsys):
+    from PIL import Image
+
+    save_tiny_checkpoint(tmp_path / "syn.pt", "synthetic")
+    (tmp_path / "in").mkdir()
+    for k in range(3):
+        Image.fromarray(np.full((16, 24, 3), 40 * k, np.uint8)).save(tmp_path / "in" / f"{k}.png")
+    infer.main(infer.get_args_parser().parse_args(
+        ["--ckpt", str(tmp_path / "syn.pt"), "--input", str(tmp_path / "in"), "--out", str(tmp_path / "o"),
+         "--device", "cpu"]))
+    err = capsys.readouterr().err
+    assert "[3/3]" in err and "img/s" in err and "ETA" in err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == \
+        ["0.png", "0_overlay.png", "1.png", "1_overlay.png", "2.png", "2_overlay.png"]
+
+
+def test_pred_dir_png_of_the_wrong_size_is_named(tmp_path: Path):
+    import evaluate
+
+    data = pytest.importorskip("data")
+    sample = data.build_dataset("synthetic", None, "val", train=False, length=1)[0]
+    height, width = sample["label"].shape
+    data.save_label_png(tmp_path / f"{sample['name']}.png", np.zeros((height, width - 8), np.uint8),
+                        data.dataset_info("synthetic").palette)
+    with pytest.raises(ValueError, match=rf"{sample['name']}\.png: prediction is {width - 8}x{height} pixels"):
+        evaluate.main(evaluate.get_args_parser().parse_args(
+            ["--pred-dir", str(tmp_path), "--dataset", "synthetic", "--length", "1", "--workers", "0"]))

@@ -251,3 +251,77 @@ def test_torchrun_two_cpu_processes_keep_identical_weights(tmp_path):
     for name, value in saved["model"].items():
         if f"model.{name}" in rank0:
             assert torch.equal(value, rank0[f"model.{name}"]), name
+
+
+# ----------------------------------------------------------------------------- TensorBoard
+
+def read_events(folder: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    return events
+
+
+def test_tensorboard_repeats_the_log_and_shows_validation_predictions(tmp_path, monkeypatch):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    import infer
+
+    monkeypatch.setitem(data.SYNTHETIC_LENGTHS, "val", 2)  # a 2-image validation split
+    out = tmp_path / "run"
+    train_main("--dataset", "synthetic", "--crop-size", "48", "--batch-size", "2", "--iters", "3", "--log-every", "1",
+               "--loss", "aaf", "--out", str(out), "--tensorboard")
+    events = read_events(out / "tensorboard")
+    log = read_log(out)
+    records = [r for r in log if "step" in r]
+    assert [r["step"] for r in records] == [1, 2, 3]
+
+    def series(tag: str) -> list[tuple[int, float]]:
+        return [(e.step, e.value) for e in events.Scalars(tag)]
+
+    for term in ("ce", "aaf", "total"):
+        assert series(f"loss/{term}") == [(r["step"], pytest.approx(r["loss"][term], rel=1e-6)) for r in records]
+    for key in ("lr", "images_per_s"):
+        assert series(key) == [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in records]
+    names = data.dataset_info("synthetic").class_names
+    for term in ("edge", "nonedge"):
+        for c, name in enumerate(names):
+            assert series(f"aaf_field_{term}/{name}") == \
+                [(r["step"], pytest.approx(r["kernel_sizes"][term][c], rel=1e-6)) for r in records]
+    miou = [r["miou"] for r in log if "eval" in r]
+    assert series("val/miou") == [(3, pytest.approx(miou[0], rel=1e-6))]
+    # One strip per validation image: image | ground truth | prediction of the final model.
+    tags = sorted(events.Tags()["images"])
+    assert tags == ["val_image_gt_prediction/synthetic_val_000000", "val_image_gt_prediction/synthetic_val_000001"]
+    net, _ = load_checkpoint(out / "model.pt")
+    info = data.dataset_info("synthetic")
+    val = data.build_dataset("synthetic", None, "val", train=False, length=2)
+    for tag, sample in zip(tags, (val[0], val[1])):
+        strip = np.array(Image.open(io.BytesIO(events.Images(tag)[0].encoded_image_string)))
+        height, width = sample["label"].shape
+        assert strip.shape == (height, 3 * width + 4, 3) and events.Images(tag)[0].step == 3
+        pred = infer.predict(net, sample["image"], info.eval_crop, info.eval_stride).argmax(0).numpy()
+        np.testing.assert_array_equal(strip[:, :width], data.denormalize(sample["image"], info))
+        np.testing.assert_array_equal(strip[:, width + 2:2 * width + 2], data.colorize(sample["label"].numpy(), info.palette))
+        np.testing.assert_array_equal(strip[:, 2 * width + 4:], data.colorize(pred, info.palette))
+
+
+def test_tensorboard_after_resume_holds_each_step_once(tmp_path):
+    out = tmp_path / "run"
+    common = ["--crop-size", "48", "--batch-size", "2", "--iters", "4", "--log-every", "1", "--loss", "ce",
+              "--no-eval", "--out", str(out), "--tensorboard", "--save-every", "2"]
+    train_main(*common, "--stop-after", "3")  # killed after logging step 3; last.pt is at step 2
+    train_main(*common, "--resume", str(out / "last.pt"))  # logs step 3 again, then 4
+    lr = [(e.step, e.value) for e in read_events(out / "tensorboard").Scalars("lr")]
+    assert [step for step, _ in lr] == [1, 2, 3, 4]
+    assert lr[-1][1] == pytest.approx(train.poly_lr(data.dataset_info("synthetic").lr, 3, 4), rel=1e-6)
+
+
+def test_tensorboard_without_the_package_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import raises ImportError
+    with pytest.raises(SystemExit, match="pip install tensorboard"):
+        train_main(*run_args(tmp_path / "run"), "--tensorboard")

@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import data
 import evaluate
+import infer
 import losses
 import model as model_lib
 
@@ -154,6 +155,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, default=20, help="log every N iterations (default: 20)")
     g.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
                    help="single-scale mIoU on the validation split after training (default: on)")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write the log records (loss terms, lr, images/s, AAF field sizes per class) and, "
+                        "when it evaluates, validation images | ground truth | prediction as TensorBoard events "
+                        "in <out>/tensorboard (needs: pip install tensorboard; default: off)")
 
     g = parser.add_argument_group("testing hooks")
     g.add_argument("--stop-after", type=int, default=None, metavar="N",
@@ -617,6 +622,59 @@ def log_progress(record: dict, log_path: Path, info: data.DatasetInfo) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+# ----------------------------------------------------------------------------- TensorBoard (optional)
+
+TENSORBOARD_IMAGES = 3  # validation images shown after an evaluation
+
+
+def open_tensorboard(out: Path, start: int):
+    """A SummaryWriter on <out>/tensorboard, or one line saying what to install. A resumed run
+    (start > 0) hides the events a killed run wrote after its checkpoint (purge_step)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+    except ImportError:
+        raise SystemExit("train.py: --tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=start + 1 if start else None)
+
+
+def tensorboard_record(writer, record: dict, info: data.DatasetInfo) -> None:
+    """The numbers of one log.jsonl record as scalars at its step: loss/<term>, lr, images_per_s,
+    eta_s, ... and the AAF field sizes per class (aaf_field_edge/<class>, aaf_field_nonedge/<class>)."""
+    if writer is None:
+        return
+    step = record["step"]
+    for key, value in record.items():
+        if key in ("step", "iters"):
+            continue
+        if key == "kernel_sizes":  # {"edge": [C], "nonedge": [C]}: Fig. 3 over training
+            for term, sizes in value.items():
+                for name, size in zip(info.class_names, sizes):
+                    writer.add_scalar(f"aaf_field_{term}/{name}", size, step)
+        elif isinstance(value, dict):
+            for term, number in value.items():
+                writer.add_scalar(f"{key}/{term}", number, step)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            writer.add_scalar(key, value, step)
+    writer.flush()  # a killed run keeps what it logged
+
+
+def tensorboard_predictions(writer, net: nn.Module, val_set, info: data.DatasetInfo, step: int,
+                            device: torch.device, count: int = TENSORBOARD_IMAGES) -> None:
+    """The first `count` validation images as [H, 3W + 4, 3] strips: image | ground truth | prediction
+    (single scale, the data set's evaluation window)."""
+    gap = 2  # white pixels between the panels
+    for index in range(min(count, len(val_set))):
+        sample = val_set[index]
+        probs = infer.predict(net, torch.as_tensor(sample["image"]).to(device), info.eval_crop, info.eval_stride)
+        pred = probs.argmax(dim=0).to(torch.uint8).cpu().numpy()            # [H, W] class ids
+        rgb = data.denormalize(sample["image"], info)                         # [H, W, 3] uint8
+        white = np.full((rgb.shape[0], gap, 3), 255, np.uint8)
+        strip = np.concatenate([rgb, white, data.colorize(np.asarray(sample["label"]), info.palette), white,
+                                data.colorize(pred, info.palette)], axis=1)
+        writer.add_image(f"{info.val_split}_image_gt_prediction/{sample['name']}", strip, step, dataformats="HWC")
+    writer.flush()
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(args: argparse.Namespace) -> dict:
@@ -677,6 +735,7 @@ def train(args: argparse.Namespace, info: data.DatasetInfo, dist: Dist, device: 
               f"{args.backbone}, loss {args.loss} (lambda {args.loss_lambda}, decay {args.decay}), "
               f"{args.iters} iterations of {args.batch_size} crops {args.crop_size}px on "
               f"{dist.world_size} x {device}, from step {start} -> {out}", flush=True)
+    writer = open_tensorboard(out, start) if args.tensorboard and dist.is_main else None  # beside log.jsonl
 
     parts.model.train()
     batches = training_batches(train_set, args, dist, start, pin_memory=device.type == "cuda")
@@ -699,6 +758,7 @@ def train(args: argparse.Namespace, info: data.DatasetInfo, dist: Dist, device: 
             if args.loss == "aaf":
                 record["kernel_sizes"] = kernel_sizes_per_class(parts, info)
             log_progress(record, log_path, info)
+            tensorboard_record(writer, record, info)
             sums, tic, tic_step = {}, time.perf_counter(), done
         if dist.is_main and done % args.save_every == 0 and done < args.iters:
             model_lib.save_checkpoint(checkpoint(parts, args, info, done, device, dist.world_size), out / "last.pt")
@@ -707,6 +767,8 @@ def train(args: argparse.Namespace, info: data.DatasetInfo, dist: Dist, device: 
     if args.dump_rank_state:
         dump_rank_state(parts, out, dist)
     if end < args.iters:  # --stop-after: leave the folder as a kill would
+        if writer is not None:
+            writer.close()
         return {"out": str(out), "step": end, "checkpoint": None, "miou": None}
     final = out / "model.pt"
     if dist.is_main:
@@ -715,8 +777,10 @@ def train(args: argparse.Namespace, info: data.DatasetInfo, dist: Dist, device: 
             print(format_kernel_sizes(kernel_sizes_per_class(parts, info), info), flush=True)
     # Evaluation runs on rank 0 alone after the group is gone, so no collective can time out.
     cleanup_distributed()
-    miou = evaluate_after_training(parts.model_without_ddp, args, info, device, log_path) \
+    miou = evaluate_after_training(parts.model_without_ddp, args, info, device, log_path, writer) \
         if dist.is_main and args.eval else None
+    if writer is not None:
+        writer.close()
     if dist.is_main:
         root = f" --data-root {args.data_root}" if args.data_root else ""
         print(f"train.py: wrote {final} (step {end})\n"
@@ -737,8 +801,9 @@ def dump_rank_state(parts: Parts, out: Path, dist: Dist) -> None:
 
 
 def evaluate_after_training(net: nn.Module, args: argparse.Namespace, info: data.DatasetInfo,
-                            device: torch.device, log_path: Path) -> float:
-    """Single-scale mIoU on the validation split (the full protocol is evaluate.py's job)."""
+                            device: torch.device, log_path: Path, writer=None) -> float:
+    """Single-scale mIoU on the validation split (the full protocol is evaluate.py's job); with a
+    TensorBoard writer also val/miou and a few predictions."""
     val_set = data.build_dataset(args.dataset, args.data_root, info.val_split, train=False)
     results = evaluate.evaluate_model(net, val_set, args.dataset, metrics=("miou",), crop_size=info.eval_crop,
                                       stride=info.eval_stride, device=device, progress=False)
@@ -746,6 +811,9 @@ def evaluate_after_training(net: nn.Module, args: argparse.Namespace, info: data
     print(f"train.py: {info.val_split} mIoU {100 * miou:.2f} (single scale, {len(val_set)} images)", flush=True)
     with open(log_path, "a") as f:
         f.write(json.dumps({"eval": info.val_split, "miou": miou}) + "\n")
+    if writer is not None:
+        writer.add_scalar(f"{info.val_split}/miou", miou, args.iters)
+        tensorboard_predictions(writer, net, val_set, info, args.iters, device)
     return miou
 
 
