@@ -367,6 +367,7 @@ def bench_crf(args: argparse.Namespace) -> None:
     window count, as whole 2048x1024 predictions take minutes; VOC runs infer.predict whole.
     The repeats interleave the cases so that a change in machine load hits all alike.
     """
+    import os
     import statistics
     import time
 
@@ -415,6 +416,7 @@ def bench_crf(args: argparse.Namespace) -> None:
 
     for case in cases.values():  # warm-up: allocator, kernels, lattice code paths
         network_seconds(case)
+    load = os.getloadavg()[0]  # other jobs on the machine make every time longer
     for _ in range(args.repeats):
         for name, case in cases.items():
             info, rgb, probs = case[:3]
@@ -425,7 +427,8 @@ def bench_crf(args: argparse.Namespace) -> None:
 
     where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} torch threads"
     print(f"bench crf: dense CRF (pydensecrf2, 1 thread) vs PSPNet-ResNet-101 inference on {where}; "
-          f"median [min, max] of {args.repeats} interleaved repeats after 1 warm-up, seconds per image")
+          f"median [min, max] of {args.repeats} interleaved repeats after 1 warm-up, seconds per image; "
+          f"load average {load:.1f} at start on {os.cpu_count()} cores")
     print(f"| {'image':28s} | {'classes':>7s} | {'CRF s':>22s} | {'network s':>22s} | {'CRF / network':>13s} |")
     print(f"|{'-' * 30}|{'-' * 9}|{'-' * 24}|{'-' * 24}|{'-' * 15}|")
     for name, case in cases.items():

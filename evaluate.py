@@ -4,6 +4,7 @@
     python evaluate.py --ckpt model.pt --dataset voc --data-root VOCdevkit --metric boundary
     python evaluate.py --pred-dir preds/ --dataset voc --data-root VOCdevkit --metric all
     python evaluate.py --ckpt aaf.pt --metric kernels                    # paper Fig. 3
+    python evaluate.py --ckpt ce.pt --metric all --crf                   # + dense CRF (crf.py, Table 6)
 
 Metrics (METRICS.md, section numbers below refer to it):
 1. mIoU: one confusion matrix summed over the data set, IoU_c = TP / (TP + FP + FN).
@@ -755,6 +756,11 @@ def format_results(results: dict[str, Any]) -> str:
                      + format_table(names, [("recall", b["recall"], b["mean_recall"]),
                                             ("precision", b["precision"], b["mean_precision"]),
                                             ("F", b["f"], b["mean_f"])], _fraction, "mean"))
+    timing = results.get("timing")
+    if timing:
+        crf_s = timing.get("crf_s_per_image")
+        parts.append(f"seconds per image: network {timing['network_s_per_image']:.3f}"
+                     + ("" if crf_s is None else f", dense CRF {crf_s:.3f} (paper Table 6: 'additional 40 seconds')"))
     return "\n\n".join(parts)
 
 

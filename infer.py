@@ -2,6 +2,7 @@
 
     python infer.py --ckpt model.pt --input photo.jpg --out preds/
     python infer.py --ckpt model.pt --input folder/ --out preds/ --scales 0.5 1.0 1.5 --flip
+    python infer.py --ckpt model.pt --input photo.jpg --out preds/ --crf   # + dense CRF (crf.py)
 
 The paper (section 4.2) and the authors' code evaluate as PSPNet does: the image is covered by
 crops of the training size (480 with stride 320 on VOC, 720/480 on Cityscapes), evenly spaced so

@@ -281,3 +281,45 @@ def test_no_module_imports_the_package_at_import_time():
     assert "import pydensecrf.densecrf" in ast.get_source_segment(
         (ROOT / "crf.py").read_text(), next(n for n in ast.parse((ROOT / "crf.py").read_text()).body
                                            if isinstance(n, ast.FunctionDef) and n.name == "load_densecrf"))
+
+
+# --------------------------------------------------------------------------------------------
+# experiments.py: the Table-6 comparison from finished runs
+# --------------------------------------------------------------------------------------------
+def fake_result(miou: float, recall: float, precision: float, network_s: float, crf_s: float | None) -> dict:
+    return {"miou": miou, "boundary": {"mean_recall": recall, "mean_precision": precision}, "split": "val",
+            "timing": {"network_s_per_image": network_s, "crf_s_per_image": crf_s},
+            "settings": {"crf": None if crf_s is None else dataclasses.asdict(crf.default_params("synthetic"))}}
+
+
+def test_experiments_table6_puts_ce_crf_affinity_aaf_side_by_side(tmp_path: Path):
+    import experiments
+
+    out = tmp_path / "runs"
+    assert experiments.crf_report("synthetic", out, tmp_path / "results") is None  # nothing scored with the CRF yet
+    values = {"ce": [(0.40, 0.16, 0.50, 0.010), (0.42, 0.18, 0.52, 0.012)],
+              "affinity": [(0.43, 0.21, 0.49, 0.011), (0.43, 0.21, 0.49, 0.011)],
+              "aaf": [(0.44, 0.20, 0.50, 0.013), (0.46, 0.22, 0.50, 0.013)]}
+    for method, per_seed in values.items():
+        for seed, (miou, recall, precision, seconds) in enumerate(per_seed):
+            folder = out / "synthetic" / f"{method}_seed{seed}"
+            folder.mkdir(parents=True)
+            (folder / "eval.json").write_text(json.dumps(fake_result(miou, recall, precision, seconds, None)))
+    for seed, (miou, crf_s) in enumerate([(0.39, 0.5), (0.41, 0.7)]):
+        result = fake_result(miou, 0.10, 0.60, 0.011, crf_s)
+        result["eval_command"] = (f"python evaluate.py --ckpt {experiments.ROOT}/runs/evidence/synthetic/ce_seed{seed}"
+                                  "/model.pt --metric all --crf --json x")
+        (out / "synthetic" / f"ce_seed{seed}" / "crf.json").write_text(json.dumps(result))
+    text = experiments.crf_report("synthetic", out, tmp_path / "results")
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert rows["cross-entropy"] == "| cross-entropy | 2 | 41.0 ± 1.4 | 17.0 ± 1.4 | 51.0 ± 1.4 | 0.011 ± 0.001 | 0 |"
+    assert rows["cross-entropy + dense CRF"] == ("| cross-entropy + dense CRF | 2 | 40.0 ± 1.4 | 10.0 ± 0.0 "
+                                                 "| 60.0 ± 0.0 | 0.011 ± 0.000 | 0.600 ± 0.141 |")
+    assert rows["Affinity (3x3)"].startswith("| Affinity (3x3) | 2 | 43.0 ± 0.0 | 21.0 ± 0.0 |")
+    assert rows["AAF"].startswith("| AAF | 2 | 45.0 ± 1.4 | 21.0 ± 1.4 |")
+    assert "python evaluate.py --ckpt runs/evidence/synthetic/ce_seedS/model.pt --metric all --crf" in text
+    assert (tmp_path / "results" / "synthetic_crf.md").read_text() == text
+    readme = tmp_path / "README.md"
+    readme.write_text("head\n<!-- results:crf-synthetic -->\nplaceholder\n<!-- /results:crf-synthetic -->\ntail\n")
+    experiments.update_readme("crf-synthetic", text, readme)
+    assert readme.read_text() == f"head\n<!-- results:crf-synthetic -->\n{text}<!-- /results:crf-synthetic -->\ntail\n"
