@@ -853,7 +853,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="where the model runs (default: cuda when a GPU is visible, else cpu; here "
                              f"{'cuda' if torch.cuda.is_available() else 'cpu'})")
     parser.add_argument("--json", help="where to write the results (default: beside the checkpoint "
-                                       "or in --pred-dir, eval_<dataset>_<split>_<metric>.json)")
+                                       "or in --pred-dir, eval_<dataset>_<split>_<metric>.json; "
+                                       "..._<metric>_crf.json with --crf)")
     crf.add_crf_args(parser)
     return parser
 
@@ -908,7 +909,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                  flip, args.max_dist, args.device, args.workers, args.save_pred,
                                  crf_params=crf.params_from_args(args, dataset_name))
         results["checkpoint"] = str(args.ckpt)
-        default_json = Path(args.ckpt).parent / f"eval_{dataset_name}_{split}_{args.metric}.json"
+        crf_tag = "_crf" if args.crf else ""  # a CRF run does not overwrite the plain run's file
+        default_json = Path(args.ckpt).parent / f"eval_{dataset_name}_{split}_{args.metric}{crf_tag}.json"
     else:
         results = evaluate_predictions(args.pred_dir, dataset, dataset_name, metrics, args.max_dist, args.workers)
         default_json = Path(args.pred_dir) / f"eval_{dataset_name}_{split}_{args.metric}.json"

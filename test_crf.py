@@ -225,6 +225,12 @@ def test_evaluate_crf_end_to_end(tmp_path: Path, monkeypatch):
         changed += int((got != probs.argmax(dim=0).numpy()).sum())
     assert changed > 0  # the CRF did something
     assert with_crf["miou"] != plain["miou"]
+    # Without --json, a CRF run writes its own file beside the checkpoint, never over the plain run's.
+    for flags in ([], ["--crf"]):
+        evaluate.main(evaluate.get_args_parser().parse_args(
+            ["--ckpt", str(ckpt), "--length", "1", "--workers", "0", "--device", "cpu", *flags]))
+    assert json.loads((tmp_path / "eval_synthetic_val_miou.json").read_text())["settings"]["crf"] is None
+    assert json.loads((tmp_path / "eval_synthetic_val_miou_crf.json").read_text())["settings"]["crf"] is not None
 
 
 def test_infer_crf_end_to_end(tmp_path: Path):
