@@ -3,6 +3,7 @@
     python bench.py losses   # AAF vs cross-entropy vs a naive unfold layout (issue: losses)
     python bench.py train    # time per training step, CE vs Affinity vs AAF
     python bench.py eval     # the boundary metric over 1449 VOC-sized pairs
+    python bench.py crf --repeats 3   # dense CRF vs the network per VOC / Cityscapes-sized image
 """
 from __future__ import annotations
 
@@ -347,9 +348,105 @@ def bench_eval(args: argparse.Namespace) -> None:
           f"F {evaluate.nanmean(f):.3f}")
 
 
+# --------------------------------------------------------------------------------------------
+# bench.py crf
+# --------------------------------------------------------------------------------------------
+CRF_CASES = {"VOC-sized 500x375": ("voc", 375, 500), "Cityscapes-sized 2048x1024": ("cityscapes", 1024, 2048)}
+
+
+def bench_crf(args: argparse.Namespace) -> None:
+    """Seconds per image of the dense CRF (crf.py, the data set's DeepLab setting, 10 mean-field
+    iterations, pydensecrf2 on one thread) beside the network's own inference at the same size:
+    PSPNet-ResNet-101 (random weights: the time does not depend on them), single scale, the data
+    set's sliding windows (VOC 480/320: 2 windows; Cityscapes 720/480: 8 windows), float32.
+
+    Image: a synthetic street scene generated at the full size (its pixel noise gives the
+    bilateral kernel's lattice about as many cells as a camera image); probabilities: softmax of
+    3 * one-hot(scene labels) + unit Gaussian noise over the data set's classes. On the CPU the
+    Cityscapes network time is one 720x720 window's forward (median of the repeats) times the
+    window count, as whole 2048x1024 predictions take minutes; VOC runs infer.predict whole.
+    The repeats interleave the cases so that a change in machine load hits all alike.
+    """
+    import os
+    import statistics
+    import time
+
+    import numpy as np
+    import torch
+
+    import crf
+    import data
+    import infer
+    import model as model_lib
+    import synthetic
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    times: dict[str, dict[str, list[float]]] = {name: {"crf": [], "network": []} for name in CRF_CASES}
+    cases = {}
+    for name, (dataset, height, width) in CRF_CASES.items():
+        info = data.dataset_info(dataset)
+        rgb, label, _ = synthetic.make_scene(data.SYNTHETIC_SPLIT_SEEDS["test"], 0, size=(height, width))
+        rng = np.random.default_rng(0)
+        logits = 3.0 * np.eye(info.num_classes, dtype=np.float32)[label % info.num_classes].transpose(2, 0, 1)
+        logits += rng.standard_normal(logits.shape, dtype=np.float32)  # [C, H, W]
+        probs = torch.from_numpy(logits).softmax(dim=0)
+        image = torch.from_numpy(data.normalize(rgb, info.mean, info.std))  # [3, H, W]
+        torch.manual_seed(0)
+        net = model_lib.build_model("pspnet", info.num_classes, backbone="resnet101", verbose=False).to(device).eval()
+        crop, stride = info.eval_crop, info.eval_stride
+        padded_h, padded_w = max(height, crop), max(width, crop)
+        windows = len(infer.window_starts(padded_h, crop, stride)) * len(infer.window_starts(padded_w, crop, stride))
+        whole = cuda or windows <= 2
+        cases[name] = (info, rgb, probs, image, net, crop, stride, windows, whole)
+
+    def network_seconds(case) -> float:
+        info, rgb, probs, image, net, crop, stride, windows, whole = case
+        with torch.no_grad():
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            if whole:
+                infer.predict(net, image.to(device), crop, stride)
+            else:  # one window's forward, counted `windows` times
+                net(image[None, :, :crop, :crop].to(device))
+            if cuda:
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+        return seconds if whole else seconds * windows
+
+    for case in cases.values():  # warm-up: allocator, kernels, lattice code paths
+        network_seconds(case)
+    load = os.getloadavg()[0]  # other jobs on the machine make every time longer
+    for _ in range(args.repeats):
+        for name, case in cases.items():
+            info, rgb, probs = case[:3]
+            start = time.perf_counter()
+            crf.dense_crf(probs, rgb, crf.default_params(info.name))
+            times[name]["crf"].append(time.perf_counter() - start)
+            times[name]["network"].append(network_seconds(case))
+
+    where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} torch threads"
+    print(f"bench crf: dense CRF (pydensecrf2, 1 thread) vs PSPNet-ResNet-101 inference on {where}; "
+          f"median [min, max] of {args.repeats} interleaved repeats after 1 warm-up, seconds per image; "
+          f"load average {load:.1f} at start on {os.cpu_count()} cores")
+    print(f"| {'image':28s} | {'classes':>7s} | {'CRF s':>22s} | {'network s':>22s} | {'CRF / network':>13s} |")
+    print(f"|{'-' * 30}|{'-' * 9}|{'-' * 24}|{'-' * 24}|{'-' * 15}|")
+    for name, case in cases.items():
+        info, windows, whole = case[0], case[7], case[8]
+        spread = {k: f"{statistics.median(v):7.2f} [{min(v):6.2f}, {max(v):6.2f}]" for k, v in times[name].items()}
+        ratio = statistics.median(times[name]["crf"]) / statistics.median(times[name]["network"])
+        print(f"| {name:28s} | {info.num_classes:7d} | {spread['crf']:>22s} | {spread['network']:>22s} | {ratio:13.2f} |")
+    for name, case in cases.items():
+        info, crop, stride, windows, whole = case[0], case[5], case[6], case[7], case[8]
+        how = "infer.predict, whole image" if whole else f"one {crop}x{crop} window's forward x {windows} windows"
+        print(f"{name}: {windows} windows of {crop}/{stride} ({how}); CRF {crf.default_params(info.name)}")
+    print("paper, Table 6 / Sec. 4.2: the CRF takes 'additional 40 seconds' per Cityscapes image")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["losses", "train", "eval"], help="which benchmark to run")
+    parser.add_argument("what", choices=["losses", "train", "eval", "crf"], help="which benchmark to run")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--repeats", type=int, default=10, help="timed repetitions per case")
     parser.add_argument("--case", default="", help=argparse.SUPPRESS)   # internal: one losses case
@@ -357,7 +454,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    {"losses": bench_losses, "train": bench_train, "eval": bench_eval}[args.what](args)
+    {"losses": bench_losses, "train": bench_train, "eval": bench_eval, "crf": bench_crf}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     python evaluate.py --ckpt model.pt --dataset voc --data-root VOCdevkit --metric boundary
     python evaluate.py --pred-dir preds/ --dataset voc --data-root VOCdevkit --metric all
     python evaluate.py --ckpt aaf.pt --metric kernels                    # paper Fig. 3
+    python evaluate.py --ckpt ce.pt --metric all --crf                   # + dense CRF (crf.py, Table 6)
 
 Metrics (METRICS.md, section numbers below refer to it):
 1. mIoU: one confusion matrix summed over the data set, IoU_c = TP / (TP + FP + FN).
@@ -19,6 +20,7 @@ PNGs (`--pred-dir`), so that the outputs of any method can be scored the same wa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -33,6 +35,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+import crf
 import data
 import infer
 
@@ -643,25 +646,35 @@ def evaluate_model(model: torch.nn.Module, dataset, dataset_name: str, metrics: 
                    crop_size: int | None = None, stride: int | None = None, scales: Sequence[float] = (1.0,),
                    flip: bool = False, max_dist: float = DEFAULT_MAX_DIST, device: str | torch.device = "cpu",
                    workers: int = 0, save_pred: str | os.PathLike | None = None,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True, crf_params: crf.CRFParams | None = None) -> dict[str, Any]:
     """Predict every image of `dataset` (full images, train=False) and score the predictions.
 
-    crop_size / stride default to the data set's evaluation window (data.DatasetInfo.eval_crop,
+    crop_size / stride default (None) to the data set's evaluation window (data.DatasetInfo.eval_crop,
     eval_stride). `workers` processes compute the boundary metric while the model predicts.
+    `crf_params`: refine each image's probabilities with the dense CRF (crf.py) before the argmax.
     Returns the `summarize` dict: "iou"/"miou"/"pixel_acc", "instance_iou"/"instance_miou",
-    "boundary" {"recall", "precision", "f", "mean_*"} for the requested metrics.
+    "boundary" {"recall", "precision", "f", "mean_*"} for the requested metrics, and "timing":
+    seconds per image of the network (all windows, scales, flips) and of the CRF.
     """
     info = getattr(dataset, "info", None) or data.dataset_info(dataset_name)  # a folder set carries its own
-    crop_size = crop_size or info.eval_crop
-    stride = stride or info.eval_stride
+    crop_size, stride = infer.resolve_window(crop_size, stride, info)
     model = model.to(device)
+    seconds = {"network": 0.0, "crf": 0.0}
 
     def pairs() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
         for index in range(len(dataset)):
             sample = dataset[index]
             gt, instances = sample_arrays(sample)
             image = torch.as_tensor(sample["image"]).to(device)
-            probs = infer.predict(model, image, crop_size, stride, scales=scales, flip=flip)
+            start = time.perf_counter()
+            probs = infer.predict(model, image, crop_size, stride, scales=scales, flip=flip)  # [C, H, W]
+            if probs.is_cuda:
+                torch.cuda.synchronize(probs.device)  # the network's time, not the CRF's
+            seconds["network"] += time.perf_counter() - start
+            if crf_params is not None:  # Table 6 baseline: dense CRF on the image's own RGB
+                start = time.perf_counter()
+                probs = crf.refine(probs, data.denormalize(image, info), crf_params)  # RGB [H, W, 3] uint8
+                seconds["crf"] += time.perf_counter() - start
             pred = probs.argmax(dim=0).to(torch.uint8).cpu().numpy()  # [H, W]
             if save_pred is not None:
                 save_prediction(save_pred, sample["name"], pred, info.palette)
@@ -670,8 +683,12 @@ def evaluate_model(model: torch.nn.Module, dataset, dataset_name: str, metrics: 
     raw = score_pairs(pairs(), info.num_classes, dataset_name, metrics, max_dist, workers,
                       total=len(dataset), progress=progress)
     settings = {"crop_size": crop_size, "stride": stride, "scales": list(scales), "flip": flip,
-                "max_dist": max_dist}
-    return summarize(raw, info.class_names, dataset_name, settings)
+                "max_dist": max_dist, "crf": None if crf_params is None else dataclasses.asdict(crf_params)}
+    results = summarize(raw, info.class_names, dataset_name, settings)
+    count = max(raw["num_images"], 1)
+    results["timing"] = {"network_s_per_image": seconds["network"] / count,
+                         "crf_s_per_image": seconds["crf"] / count if crf_params is not None else None}
+    return results
 
 
 PRED_FORMATS = ("auto",) + infer.OUTPUT_FORMATS
@@ -806,6 +823,11 @@ def format_results(results: dict[str, Any]) -> str:
                      + format_table(names, [("recall", b["recall"], b["mean_recall"]),
                                             ("precision", b["precision"], b["mean_precision"]),
                                             ("F", b["f"], b["mean_f"])], _fraction, "mean"))
+    timing = results.get("timing")
+    if timing:
+        crf_s = timing.get("crf_s_per_image")
+        parts.append(f"seconds per image: network {timing['network_s_per_image']:.3f}"
+                     + ("" if crf_s is None else f", dense CRF {crf_s:.3f} (paper Table 6: 'additional 40 seconds')"))
     return "\n\n".join(parts)
 
 
@@ -852,39 +874,89 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def _per_dataset(field: str) -> str:
+    """'voc 480, cityscapes 720, ...' for --help: a DatasetInfo field per data set."""
+    def text(value: Any) -> str:
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, tuple):
+            return " ".join(f"{v:g}" for v in value)
+        return str(value)
+    return ", ".join(f"{name} {text(getattr(info, field))}" for name, info in data.DATASETS.items())
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", help="checkpoint of train.py (not needed with --pred-dir)")
-    parser.add_argument("--pred-dir", help="score saved label PNGs <pred-dir>/<name>.png instead of a model")
+    parser.add_argument("--ckpt", help="checkpoint of train.py to predict with (no default: give --ckpt or --pred-dir)")
+    parser.add_argument("--pred-dir", help="score saved label PNGs <pred-dir>/<name>.png instead of a model "
+                                           "(no default: give --ckpt or --pred-dir)")
     parser.add_argument("--pred-format", default="auto", choices=PRED_FORMATS,
                         help="layout of --pred-dir, as infer.py --format writes it: palette (<name>.png, class "
                              "ids), voc (results/VOC2012/Segmentation/comp6_test_cls/<name>.png), cityscapes "
                              "(<city>/<name>*.png, label ids); default auto: voc if that folder exists, palette "
                              "if <name>.png does, else cityscapes for Cityscapes")
-    parser.add_argument("--dataset", help="voc, cityscapes, gta5, camvid, synthetic, folder (default: the checkpoint's; "
-                                          f"folder: your own data at --data-root, window {data.FOLDER_DEFAULTS.eval_crop} "
-                                          f"stride {data.FOLDER_DEFAULTS.eval_stride})")
-    parser.add_argument("--data-root", help="data set folder (not needed for synthetic)")
-    parser.add_argument("--split", help="split to score (default: the data set's validation split)")
-    parser.add_argument("--metric", default="miou", choices=["miou", "instance", "boundary", "all", "kernels"])
-    parser.add_argument("--scales", type=float, nargs="+", help="test scales (default: the data set's)")
+    parser.add_argument("--dataset", help=f"{', '.join(data.DATASET_NAMES)} (default: the checkpoint's; needed with "
+                                          f"--pred-dir; folder: your own data at --data-root, window "
+                                          f"{data.FOLDER_DEFAULTS.eval_crop} stride {data.FOLDER_DEFAULTS.eval_stride})")
+    parser.add_argument("--data-root", help="data set folder (default: none; not needed for synthetic)")
+    parser.add_argument("--split", help=f"split to score (default: the data set's validation split: "
+                                        f"{_per_dataset('val_split')})")
+    parser.add_argument("--metric", default="miou", choices=["miou", "instance", "boundary", "all", "kernels"],
+                        help="mIoU, instance-wise mIoU, boundary P/R/F, all three, or the learned AAF field "
+                             "sizes of --ckpt (paper Fig. 3) (default: miou)")
+    parser.add_argument("--scales", type=float, nargs="+",
+                        help=f"test scales (default: the data set's: {_per_dataset('eval_scales')})")
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                        help="also predict the mirrored image (default: the data set's)")
-    parser.add_argument("--crop-size", type=int, help="sliding-window size (default: the data set's)")
-    parser.add_argument("--stride", type=int, help="sliding-window stride (default: the data set's)")
+                        help=f"also predict the mirrored image (default: the data set's: {_per_dataset('eval_flip')})")
+    parser.add_argument("--crop-size", type=int,
+                        help=f"sliding-window size in pixels, >= 1 (default: the data set's: {_per_dataset('eval_crop')})")
+    parser.add_argument("--stride", type=int,
+                        help=f"sliding-window stride in pixels, 1..crop size (default: the data set's: "
+                             f"{_per_dataset('eval_stride')})")
     parser.add_argument("--max-dist", type=float, default=DEFAULT_MAX_DIST,
-                        help="boundary tolerance as a fraction of the image diagonal")
-    parser.add_argument("--save-pred", help="also write the predicted label PNGs to this folder")
+                        help=f"boundary tolerance as a fraction of the image diagonal, in [0, 1) "
+                             f"(default: {DEFAULT_MAX_DIST}, the BSDS value)")
+    parser.add_argument("--save-pred", help="also write the predicted label PNGs to this folder (default: none)")
     parser.add_argument("--workers", type=int, default=usable_cpus(),
-                        help="processes for the boundary metric (0: in the main process; default: all cores)")
-    parser.add_argument("--length", type=int, help="number of images of the synthetic data set")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+                        help=f"processes for the boundary metric, 0: in the main process (default: all usable "
+                             f"cores, here {usable_cpus()})")
+    parser.add_argument("--length", type=int, help="score only the first N images, N >= 1 (default: the whole split; "
+                                                   "for synthetic, the split's size)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the model runs (default: cuda when a GPU is visible, else cpu; here "
+                             f"{'cuda' if torch.cuda.is_available() else 'cpu'})")
     parser.add_argument("--json", help="where to write the results (default: beside the checkpoint "
-                                       "or in --pred-dir, eval_<dataset>_<split>_<metric>.json)")
+                                       "or in --pred-dir, eval_<dataset>_<split>_<metric>.json; "
+                                       "..._<metric>_crf.json with --crf)")
+    crf.add_crf_args(parser)
     return parser
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse flag values that cannot mean anything (one line naming each), before any work.
+    0 is never read as "use the default": a flag left out is None."""
+    problems = []
+    if not (math.isfinite(args.max_dist) and 0 <= args.max_dist < 1):
+        problems.append(f"--max-dist {args.max_dist} must be a fraction of the image diagonal in [0, 1) "
+                        f"(default {DEFAULT_MAX_DIST})")
+    if args.workers < 0:
+        problems.append(f"--workers {args.workers} must be >= 0 (0 computes the boundary metric in this process)")
+    if args.length is not None and args.length < 1:
+        problems.append(f"--length {args.length} must be >= 1 (leave it out for the whole split)")
+    for flag, value in (("--crop-size", args.crop_size), ("--stride", args.stride)):
+        if value is not None and value < 1:
+            problems.append(f"{flag} {value} must be >= 1 pixel (leave it out for the data set's window)")
+    if args.scales is not None and not all(math.isfinite(s) and s > 0 for s in args.scales):
+        problems.append(f"--scales {args.scales} must be positive numbers")
+    problems += crf.arg_problems(args)
+    if args.crf and args.pred_dir is not None:
+        problems.append("--crf refines a model's probabilities: it needs --ckpt, not --pred-dir (label PNGs)")
+    if problems:
+        raise SystemExit("evaluate.py: " + "; ".join(problems))
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
+    check_args(args)
     if args.metric == "kernels":
         return print_kernels(args)
     if (args.ckpt is None) == (args.pred_dir is None):
@@ -907,9 +979,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if trained_on and trained_on != dataset_name:
             print(f"cross-domain: a {trained_on} model on {dataset_name} (paper Table 9)", file=sys.stderr)
         results = evaluate_model(model, dataset, dataset_name, metrics, args.crop_size, args.stride, scales,
-                                 flip, args.max_dist, args.device, args.workers, args.save_pred)
+                                 flip, args.max_dist, args.device, args.workers, args.save_pred,
+                                 crf_params=crf.params_from_args(args, dataset_name))
         results["checkpoint"] = str(args.ckpt)
-        default_json = Path(args.ckpt).parent / f"eval_{dataset_name}_{split}_{args.metric}.json"
+        crf_tag = "_crf" if args.crf else ""  # a CRF run does not overwrite the plain run's file
+        default_json = Path(args.ckpt).parent / f"eval_{dataset_name}_{split}_{args.metric}{crf_tag}.json"
     else:
         results = evaluate_predictions(args.pred_dir, dataset, dataset_name, metrics, args.max_dist, args.workers,
                                        pred_format=args.pred_format)

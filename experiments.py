@@ -5,19 +5,26 @@ validation split with `evaluate.py --metric all` (mIoU, instance-wise mIoU, boun
 writes the tables (mean and spread over seeds, thin classes beside the means, learned field
 sizes of AAF, paper Fig. 3) to `results/<name>.md` / `.json` and into README.md.
 
-    python experiments.py run synthetic                 # 3 methods x 3 seeds on the synthetic set
+The paper's Table 6 comparison comes with it: the cross-entropy models are scored once more with
+`evaluate.py --crf` (dense CRF post-processing, crf.py), and `results/<name>_crf.md` / the README
+block `crf-<name>` put CE, CE + CRF, Affinity and AAF side by side with mIoU, boundary recall and
+the seconds per image of the network and of the CRF.
+
+    python experiments.py run synthetic                 # 3 methods x 3 seeds (+ CRF on CE) on the synthetic set
     python experiments.py run camvid --data-root ../shared/datasets/CamVid
     python experiments.py report synthetic camvid       # tables from the finished runs only
     python experiments.py figures synthetic camvid      # the README's figures, results/<name>_*.png
 
 A run whose `eval.json` exists is not redone, so an interrupted sweep continues where it
-stopped. Every number comes from a split named in the table; nothing is tuned on it here.
+stopped (one scored before evaluate.py timed its images is re-scored, not retrained). Every
+number comes from a split named in the table; nothing is tuned on it here.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import re
 import subprocess
 import sys
 import time
@@ -62,7 +69,10 @@ def run_one(name: str, method: str, seed: int, args: argparse.Namespace) -> dict
     folder = run_dir(Path(args.out), name, method, seed)
     result_path = folder / "eval.json"
     if result_path.exists():
-        return json.loads(result_path.read_text())
+        cached = json.loads(result_path.read_text())
+        if "timing" in cached or not (folder / "model.pt").exists():
+            return cached
+        # Scored before evaluate.py timed its images (Table 6 needs the seconds): score again.
     exp = EXPERIMENTS[name]
     common = ["--data-root", args.data_root] if args.data_root else []
     train_cmd = [sys.executable, str(ROOT / "train.py"), *exp["train"], *common, "--loss", method,
@@ -102,6 +112,31 @@ def run_one(name: str, method: str, seed: int, args: argparse.Namespace) -> dict
     return result
 
 
+def run_crf(name: str, seed: int, args: argparse.Namespace) -> dict:
+    """Score the cross-entropy model of `seed` again with the dense CRF (`evaluate.py --crf`, the
+    data set's DeepLab setting): the "CE + CRF" row of the Table-6 comparison. Reused when done."""
+    folder = run_dir(Path(args.out), name, "ce", seed)
+    result_path = folder / "crf.json"
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    if not (folder / "model.pt").exists():
+        raise SystemExit(f"{folder / 'model.pt'} is missing: run `python experiments.py run {name}` "
+                         f"with --methods ce to train it")
+    exp = EXPERIMENTS[name]
+    common = ["--data-root", args.data_root] if args.data_root else []
+    eval_json = folder / "crf_all.json"
+    eval_cmd = [sys.executable, str(ROOT / "evaluate.py"), "--ckpt", str(folder / "model.pt"), "--metric", "all",
+                *common, *exp["eval"], "--crf", "--json", str(eval_json)]
+    t0 = time.time()
+    print("$", " ".join(eval_cmd), flush=True)
+    subprocess.run(eval_cmd, check=True, cwd=ROOT)
+    result = json.loads(eval_json.read_text())
+    result["eval_seconds"] = time.time() - t0
+    result["eval_command"] = " ".join(["python", *[Path(c).name if c.endswith(".py") else c for c in eval_cmd[1:]]])
+    result_path.write_text(json.dumps(result, indent=1))
+    return result
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     arr = np.array([v for v in values if v is not None and not math.isnan(v)], dtype=float)
     if arr.size == 0:
@@ -125,8 +160,8 @@ def collect(name: str, out: Path) -> dict[str, list[dict]]:
     return found
 
 
-def report(name: str, out: Path) -> str:
-    """Markdown tables for one experiment; also written to results/<name>.md and .json."""
+def report(name: str, out: Path, results_dir: Path = ROOT / "results") -> str:
+    """Markdown tables for one experiment; also written to <results_dir>/<name>.md and .json."""
     runs = collect(name, out)
     if not runs:
         raise SystemExit(f"no finished runs under {out / name}: run `python experiments.py run {name}` first")
@@ -175,16 +210,76 @@ def report(name: str, out: Path) -> str:
         lines.append("    " + command.replace(str(ROOT) + "/", "").replace(str(ROOT.parent) + "/", "../"))
     lines += ["", f"Or all of them: `python experiments.py run {name}`."]
     text = "\n".join(lines) + "\n"
-    results = Path(ROOT / "results")
-    results.mkdir(exist_ok=True)
+    results = Path(results_dir)
+    results.mkdir(parents=True, exist_ok=True)
     (results / f"{name}.md").write_text(text)
     (results / f"{name}.json").write_text(json.dumps(runs, indent=1))
     return text
 
 
-def update_readme(name: str, text: str) -> None:
+def seconds_per_image(rs: list[dict], key: str) -> str:
+    """Mean ± std over seeds of results["timing"][key], in seconds ("n/a" where not timed)."""
+    values = [r.get("timing", {}).get(key) for r in rs]
+    if any(v is None for v in values):
+        return "n/a"
+    return fmt(values, scale=1.0, digits=3)
+
+
+def crf_report(name: str, out: Path, results_dir: Path = ROOT / "results") -> str | None:
+    """The paper's Table 6 on our data: CE, CE + CRF, Affinity, AAF with mIoU, boundary recall and
+    the seconds per image of the network and of the CRF (from evaluate.py's own timing of each
+    image, inside the evaluation run). None until some CE model has been scored with the CRF.
+    Also written to <results_dir>/<name>_crf.md and .json."""
+    runs = collect(name, out)
+    crf_runs = [json.loads(p.read_text()) for p in sorted((out / name).glob("ce_seed*/crf.json"))]
+    if not crf_runs:
+        return None
+    rows = [("ce", METHOD_NAMES["ce"], runs.get("ce", [])), ("ce+crf", "cross-entropy + dense CRF", crf_runs),
+            ("affinity", METHOD_NAMES["affinity"], runs.get("affinity", [])), ("aaf", METHOD_NAMES["aaf"], runs.get("aaf", []))]
+    first = crf_runs[0]
+    setting = first["settings"]["crf"]
+    lines = [f"#### {name}: the paper's Table 6 comparison, {first.get('split', 'val')} split (mean ± sample std over "
+             f"seeds; mIoU and boundary recall / precision in %, time in seconds per image)", "",
+             "Same models as the tables above; \"+ dense CRF\" is the cross-entropy models post-processed by "
+             f"`evaluate.py --crf` (crf.py: {setting['iters']} mean-field iterations, Gaussian w2 {setting['pos_w']:g} / "
+             f"{setting['pos_xy']:g} px, bilateral w1 {setting['bi_w']:g} / {setting['bi_xy']:g} px / colour "
+             f"{setting['bi_rgb']:g}; DeepLab v2's published setting). Seconds: evaluate.py's timing of each "
+             "image on this machine (network: all sliding windows; CRF: pydensecrf2 on one thread), measured "
+             "while the boundary-metric workers ran beside it.", "",
+             "| method | seeds | mIoU | boundary recall | boundary precision | network s/image | CRF s/image |",
+             "|---|---|---|---|---|---|---|"]
+    for key, label, rs in rows:
+        if not rs:
+            lines.append(f"| {label} | 0 | n/a | n/a | n/a | n/a | n/a |")
+            continue
+        b = [r["boundary"] for r in rs]
+        crf_s = seconds_per_image(rs, "crf_s_per_image") if key == "ce+crf" else "0"
+        lines.append(f"| {label} | {len(rs)} | {fmt([r['miou'] for r in rs])} | {fmt([x['mean_recall'] for x in b])} "
+                     f"| {fmt([x['mean_precision'] for x in b])} | {seconds_per_image(rs, 'network_s_per_image')} "
+                     f"| {crf_s} |")
+    lines += ["", "Paper, Table 6 (Cityscapes val, PSPNet-ResNet-101, mIoU %): PSPNet 75.05, + CRF 74.51 "
+              "(\"additional 40 seconds\" per image), Affinity 77.33, AAF 77.69.", "",
+              "Command of the CRF row (per seed S):", "",
+              "    " + _crf_command(first), "",
+              f"Or all of it: `python experiments.py run {name}` (trains what is missing), then "
+              f"`python experiments.py report {name}`."]
+    text = "\n".join(lines) + "\n"
+    results = Path(results_dir)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{name}_crf.md").write_text(text)
+    (results / f"{name}_crf.json").write_text(json.dumps({"ce+crf": crf_runs}, indent=1))
+    return text
+
+
+def _crf_command(result: dict) -> str:
+    """The CRF row's evaluate.py command with the repository's paths made relative, seed as S."""
+    command = result["eval_command"].replace(str(ROOT) + "/", "").replace(str(ROOT.parent) + "/", "../")
+    return re.sub(r"ce_seed\d+", "ce_seedS", command)
+
+
+def update_readme(name: str, text: str, readme: Path = ROOT / "README.md") -> None:
     """Replace the block between <!-- results:NAME --> and <!-- /results:NAME --> in README.md."""
-    readme = ROOT / "README.md"
+    readme = Path(readme)
     src = readme.read_text()
     start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
     if start not in src or end not in src:
@@ -265,6 +360,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--iters", type=int, default=None, help="override the data set's iteration budget")
     parser.add_argument("--data-root", default=None, help="data set folder (camvid)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "evidence"), help="run folders")
+    parser.add_argument("--results-dir", default=str(ROOT / "results"),
+                        help="where the tables go as .md/.json (default: results/ in the repository)")
+    parser.add_argument("--readme", default=str(ROOT / "README.md"),
+                        help="README whose results blocks are replaced (default: the repository's README.md)")
     parser.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
                         help="further train.py flags, the same for every run (put last)")
     return parser
@@ -286,9 +385,15 @@ def main(args: argparse.Namespace) -> None:
             for seed in args.seeds:                           # seed-major: every method gets seed 0 first
                 for method in args.methods:
                     run_one(name, method, seed, args)
-        text = report(name, Path(args.out))
-        update_readme(name, text)
+                if "ce" in args.methods:
+                    run_crf(name, seed, args)                 # Table 6: the CE model + dense CRF
+        text = report(name, Path(args.out), Path(args.results_dir))
+        update_readme(name, text, Path(args.readme))
         print(text)
+        crf_text = crf_report(name, Path(args.out), Path(args.results_dir))
+        if crf_text is not None:
+            update_readme(f"crf-{name}", crf_text, Path(args.readme))
+            print(crf_text)
 
 
 if __name__ == "__main__":

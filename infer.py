@@ -2,6 +2,7 @@
 
     python infer.py --ckpt model.pt --input photo.jpg --out preds/
     python infer.py --ckpt model.pt --input folder/ --out preds/ --scales 0.5 1.0 1.5 --flip
+    python infer.py --ckpt model.pt --input photo.jpg --out preds/ --crf   # + dense CRF (crf.py)
 
 The paper (section 4.2) and the authors' code evaluate as PSPNet does: the image is covered by
 crops of the training size (480 with stride 320 on VOC, 720/480 on Cityscapes), evenly spaced so
@@ -43,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import crf
 import data
 from model import OUTPUT_STRIDE
 
@@ -118,6 +120,22 @@ def sliding_window_probs(model: torch.nn.Module, image: torch.Tensor, crop_size:
             total[:, top:top + crop_h, left:left + crop_w] += probs
             count[:, top:top + crop_h, left:left + crop_w] += 1
     return (total / count)[:, :height, :width]  # the padding is cropped away
+
+
+def resolve_window(crop_size: int | None, stride: int | None, info: data.DatasetInfo) -> tuple[int, int]:
+    """(crop, stride) of the sliding windows: the given values, or the data set's evaluation
+    window (DatasetInfo.eval_crop / eval_stride) for the ones that are None. 0 is an error, not
+    "the default". ValueError names the flag."""
+    stride_flag = stride
+    crop = info.eval_crop if crop_size is None else crop_size
+    stride = info.eval_stride if stride is None else stride
+    if crop < 1:
+        raise ValueError(f"--crop-size {crop} must be >= 1 pixel")
+    if not 1 <= stride <= crop:
+        given = f"--stride {stride}" if stride_flag is not None else f"the data set's stride {stride}"
+        raise ValueError(f"{given} must be in 1..crop size ({crop}), or windows leave gaps"
+                         + ("" if stride_flag is not None else "; give --stride too"))
+    return crop, stride
 
 
 def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -213,6 +231,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--crop-size", type=int, help="sliding-window size (default: the data set's)")
     parser.add_argument("--stride", type=int, help="sliding-window stride (default: the data set's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    crf.add_crf_args(parser)
     return parser
 
 
@@ -319,14 +338,29 @@ def check_output_layout(args: argparse.Namespace, dataset_name: str, out: Path) 
     return overlays
 
 
+def resolve_settings(args: argparse.Namespace, dataset_name: str, info: data.DatasetInfo
+                     ) -> tuple[int, int, crf.CRFParams | None]:
+    """(crop, stride, CRF setting or None) from the flags and the data set; a flag value that
+    cannot mean anything is a one-line exit naming it (0 is never "the default")."""
+    problems = crf.arg_problems(args)
+    if args.scales is not None and not all(math.isfinite(s) and s > 0 for s in args.scales):
+        problems.append(f"--scales {args.scales} must be positive numbers")
+    try:
+        crop_size, stride = resolve_window(args.crop_size, args.stride, info)
+    except ValueError as error:
+        problems.append(str(error))
+    if problems:
+        raise SystemExit("infer.py: " + "; ".join(problems))
+    return crop_size, stride, crf.params_from_args(args, dataset_name)
+
+
 def main(args: argparse.Namespace) -> None:
     import evaluate  # progress_line; imported here because evaluate.py imports this module
 
     model, ckpt, dataset_name, info = load_for_inference(args.ckpt, args.dataset, args.device)
+    crop_size, stride, crf_params = resolve_settings(args, dataset_name, info)
     out = Path(args.out)
     overlays = check_output_layout(args, dataset_name, out)
-    crop_size = args.crop_size or info.eval_crop
-    stride = args.stride or info.eval_stride
     scales = tuple(args.scales or info.eval_scales)
     flip = info.eval_flip if args.flip is None else args.flip
     palette = info.palette
@@ -346,6 +380,8 @@ def main(args: argparse.Namespace) -> None:
         rgb = data.read_image(path)  # [H, W, 3] uint8
         image = torch.from_numpy(data.normalize(rgb, info.mean, info.std))  # [3, H, W] float32
         probs = predict(model, image, crop_size, stride, scales=scales, flip=flip)
+        if crf_params is not None:  # paper Table 6 baseline: dense CRF on the image's colours
+            probs = crf.refine(probs, rgb, crf_params)
         label = probs.argmax(dim=0).to(torch.uint8).cpu().numpy()  # [H, W] class (train) ids
         write_prediction(target, label, args.format, palette)
         if overlays is not None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,9 +18,13 @@ import pytest
 import scipy.sparse
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 from scipy.spatial.distance import cdist
+import torch
 from skimage.morphology import thin as skimage_thin
 
 import evaluate
+import infer
+
+ROOT = Path(__file__).resolve().parent
 
 
 # --------------------------------------------------------------------------------------------
@@ -478,3 +484,59 @@ def test_kernels_report_learned_field_sizes(tmp_path: Path, capsys):
     plain = tiny_checkpoint(tmp_path, None)
     with pytest.raises(SystemExit, match="AAF"):
         evaluate.main(evaluate.get_args_parser().parse_args(["--ckpt", str(plain), "--metric", "kernels"]))
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Flags: meaningless values are one-line errors, never silently replaced (issue 13)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flags,message", [
+    (["--max-dist", "-1"], "--max-dist -1.0 must be a fraction of the image diagonal in [0, 1)"),
+    (["--max-dist", "nan"], "--max-dist nan must be"),
+    (["--max-dist", "inf"], "--max-dist inf must be"),
+    (["--stride", "0"], "--stride 0 must be >= 1"),
+    (["--crop-size", "0"], "--crop-size 0 must be >= 1"),
+    (["--crop-size", "-8"], "--crop-size -8 must be >= 1"),
+    (["--length", "0"], "--length 0 must be >= 1"),
+    (["--workers", "-1"], "--workers -1 must be >= 0"),
+    (["--scales", "1", "nan"], "--scales [1.0, nan] must be positive"),
+])
+def test_meaningless_flag_values_are_refused_before_any_work(tmp_path: Path, flags, message):
+    ckpt = tiny_checkpoint(tmp_path)
+    args = evaluate.get_args_parser().parse_args(
+        ["--ckpt", str(ckpt), "--metric", "all", "--length", "1", "--workers", "0", "--device", "cpu",
+         "--json", str(tmp_path / "r.json"), *flags])
+    with pytest.raises(SystemExit) as info:
+        evaluate.main(args)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_a_stride_beyond_the_crop_is_refused_and_none_means_the_data_sets_window():
+    info = pytest.importorskip("data").dataset_info("synthetic")
+    assert infer.resolve_window(None, None, info) == (info.eval_crop, info.eval_stride)
+    assert infer.resolve_window(160, None, info) == (160, info.eval_stride)
+    assert infer.resolve_window(None, 5, info) == (info.eval_crop, 5)
+    with pytest.raises(ValueError, match="--stride 200 must be in 1..crop size"):
+        infer.resolve_window(None, 200, info)
+    with pytest.raises(ValueError, match="the data set's stride 96 must be in 1..crop size .64.*give --stride"):
+        infer.resolve_window(64, None, info)
+    with pytest.raises(ValueError, match="--crop-size 0"):
+        evaluate.evaluate_model(torch.nn.Conv2d(3, 8, 1), [], "synthetic", crop_size=0)
+
+
+def test_bad_max_dist_is_one_line_from_the_command_line(tmp_path: Path):
+    # Today's failure: the boundary worker processes died with a 44-line traceback.
+    ckpt = tiny_checkpoint(tmp_path)
+    out = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--ckpt", str(ckpt), "--metric", "boundary",
+                          "--length", "1", "--workers", "1", "--device", "cpu", "--max-dist", "nan",
+                          "--json", str(tmp_path / "r.json")], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines() == [
+        "evaluate.py: --max-dist nan must be a fraction of the image diagonal in [0, 1) (default 0.0075)"]
+
+
+def test_every_flag_has_help_that_states_its_default():
+    for action in evaluate.get_args_parser()._actions:
+        if action.dest == "help":
+            continue
+        assert action.help and "default" in action.help, f"{action.option_strings} has no help stating its default"

@@ -499,3 +499,26 @@ def test_pred_dir_png_of_the_wrong_size_is_named(tmp_path: Path):
     with pytest.raises(ValueError, match=rf"{sample['name']}\.png: prediction is {width - 8}x{height} pixels"):
         evaluate.main(evaluate.get_args_parser().parse_args(
             ["--pred-dir", str(tmp_path), "--dataset", "synthetic", "--length", "1", "--workers", "0"]))
+
+@pytest.mark.parametrize("flags,message", [
+    (["--stride", "0"], "--stride 0 must be in 1..crop size"),
+    (["--crop-size", "0"], "--crop-size 0 must be >= 1"),
+    (["--crop-size", "40", "--stride", "41"], "--stride 41 must be in 1..crop size (40)"),
+    (["--scales", "0"], "--scales [0.0] must be positive"),
+])
+def test_cli_refuses_a_zero_window_instead_of_the_default(tmp_path: Path, flags, message):
+    # Today `args.stride or info.eval_stride` silently turned 0 into the data set's stride.
+    model_lib = pytest.importorskip("model")
+    data = pytest.importorskip("data")
+    net = model_lib.build_model("fcn", 8, backbone="tiny")
+    meta = {**net.meta, "class_names": list(data.dataset_info("synthetic").class_names),
+            "dataset": "synthetic", "loss": "ce", "kernel_sizes": []}
+    model_lib.save_checkpoint({"model": net.state_dict(), "meta": meta}, tmp_path / "m.pt")
+    from PIL import Image
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "a.png")
+    args = infer.get_args_parser().parse_args(["--ckpt", str(tmp_path / "m.pt"), "--input", str(tmp_path / "a.png"),
+                                               "--out", str(tmp_path / "out"), "--device", "cpu", *flags])
+    with pytest.raises(SystemExit) as info:
+        infer.main(args)
+    assert message in str(info.value) and str(info.value).startswith("infer.py: ")
+    assert not (tmp_path / "out").exists()
