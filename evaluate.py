@@ -951,6 +951,13 @@ def check_args(args: argparse.Namespace) -> None:
     problems += crf.arg_problems(args)
     if args.crf and args.pred_dir is not None:
         problems.append("--crf refines a model's probabilities: it needs --ckpt, not --pred-dir (label PNGs)")
+    if args.pred_dir is not None:  # prediction settings would be silently ignored on saved PNGs
+        given = [flag for flag, value in (("--scales", args.scales), ("--flip", args.flip),
+                                          ("--crop-size", args.crop_size), ("--stride", args.stride),
+                                          ("--save-pred", args.save_pred)) if value is not None]
+        if given:
+            problems.append(f"{', '.join(given)} set how a model predicts; --pred-dir scores saved label PNGs "
+                            "as they are: drop them, or predict with --ckpt")
     if problems:
         raise SystemExit("evaluate.py: " + "; ".join(problems))
 

@@ -230,7 +230,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="also predict the mirrored image (default: the data set's)")
     parser.add_argument("--crop-size", type=int, help="sliding-window size (default: the data set's)")
     parser.add_argument("--stride", type=int, help="sliding-window stride (default: the data set's)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda when a GPU is visible, else cpu)")
     crf.add_crf_args(parser)
     return parser
 

@@ -511,6 +511,19 @@ def test_meaningless_flag_values_are_refused_before_any_work(tmp_path: Path, fla
     assert not (tmp_path / "r.json").exists()
 
 
+@pytest.mark.parametrize("flags", [["--scales", "0.5", "1"], ["--no-flip"], ["--crop-size", "64"],
+                                   ["--stride", "32"], ["--save-pred", "elsewhere"]])
+def test_prediction_flags_with_pred_dir_are_refused_not_ignored(tmp_path: Path, flags):
+    """Saved PNGs are scored as they are: a window, scale or flip flag beside --pred-dir would change
+    nothing, so it is an error naming the flag rather than a silently ignored setting."""
+    args = evaluate.get_args_parser().parse_args(
+        ["--pred-dir", str(tmp_path), "--dataset", "synthetic", "--length", "1", "--workers", "0", *flags])
+    with pytest.raises(SystemExit) as info:
+        evaluate.main(args)
+    assert flags[0].replace("--no-", "--") in str(info.value) and "--pred-dir scores saved label PNGs" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
 def test_a_stride_beyond_the_crop_is_refused_and_none_means_the_data_sets_window():
     info = pytest.importorskip("data").dataset_info("synthetic")
     assert infer.resolve_window(None, None, info) == (info.eval_crop, info.eval_stride)
