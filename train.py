@@ -975,9 +975,12 @@ def check_run_folder(args: argparse.Namespace, out: Path) -> str | None:
     held = describe_run(out)
     if held is None:
         return None
-    resume = f"--resume {out / 'last.pt'}" if (out / "last.pt").exists() else "--resume <its last.pt>"
-    return (f"train.py: {out} already holds a run ({held}); continue it with {resume}, or choose another "
-            "--out (--overwrite starts afresh and deletes it)")
+    if (out / "model.pt").exists():  # finished: nothing to continue
+        return (f"train.py: {out} already holds a finished run ({held}); choose another --out "
+                "(--overwrite starts afresh and deletes it)")
+    way = (f"continue it with --resume {out / 'last.pt'}, or choose another --out" if (out / "last.pt").exists()
+           else "it has no checkpoint to continue from; choose another --out")
+    return f"train.py: {out} already holds a run ({held}); {way} (--overwrite starts afresh and deletes it)"
 
 
 def prepare_run_folder(args: argparse.Namespace, out: Path, start: int, world_size: int) -> None:
