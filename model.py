@@ -25,9 +25,10 @@ BatchNorm is trained, not frozen. On several GPUs train.py converts it with
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,34 @@ IMAGENET_WEIGHTS = {
 # Keys of a torchvision classification checkpoint that a segmentation backbone does not use.
 CLASSIFIER_KEYS = ("fc.weight", "fc.bias")
 CLASSIFIER_INIT_STD = 0.01  # small random init of the final 1x1 classifier (DeepLab/PSPNet habit)
+
+
+class WeightsError(ValueError):
+    """A weight file or checkpoint is unreadable, or does not fit the model (one-line message).
+
+    The scripts turn these into one-line exits; any other ValueError is a programming error and
+    keeps its traceback. A subclass of ValueError, so callers that caught ValueError still do.
+    """
+
+
+class WeightsNotFoundError(WeightsError, FileNotFoundError):
+    """A weight file or checkpoint does not exist (also a FileNotFoundError)."""
+
+
+class ImageNetWeightsMissing(WeightsNotFoundError):
+    """torchvision's ImageNet file of `backbone` is not in the torch hub cache (never downloaded here).
+
+    `remedy(flag)` words the message for a caller whose option is not the Python argument
+    (train.py: `--pretrained`).
+    """
+
+    def __init__(self, backbone: str, path: Path, url: str):
+        self.backbone, self.path, self.url = backbone, path, url
+        super().__init__(self.remedy("pretrained=<path to the file>"))
+
+    def remedy(self, alternative: str) -> str:
+        return (f"ImageNet weights for {self.backbone} not found: download {self.url} and put the file "
+                f"{self.path.name} in {self.path.parent} (or pass {alternative})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,7 +189,7 @@ def build_backbone(name: str) -> DilatedResNet:
 def imagenet_weights_file(backbone: str) -> Path:
     """Where torchvision keeps the ImageNet weights of `backbone`: <torch hub>/checkpoints/<file>."""
     if backbone not in IMAGENET_WEIGHTS:
-        raise ValueError(f"backbone {backbone!r} has no ImageNet weights; "
+        raise WeightsError(f"backbone {backbone!r} has no ImageNet weights; "
                          "use pretrained=None or a state-dict path")
     file_name = os.path.basename(IMAGENET_WEIGHTS[backbone].url)
     return Path(torch.hub.get_dir()) / "checkpoints" / file_name
@@ -171,12 +200,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise FileNotFoundError(f"pretrained weights file not found: {path}") from None
+        raise WeightsNotFoundError(f"pretrained weights file not found: {path}") from None
     except Exception as error:  # pickle, zip or weights_only errors all mean "not a state dict"
         first_line = f"{type(error).__name__}: {error}".splitlines()[0]
-        raise ValueError(f"{path} is not a readable state dict ({first_line})") from None
+        raise WeightsError(f"{path} is not a readable state dict ({first_line})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a plain state dict (name -> tensor)")
+        raise WeightsError(f"{path} does not hold a plain state dict (name -> tensor)")
     return state
 
 
@@ -189,10 +218,7 @@ def load_backbone_weights(backbone: DilatedResNet, pretrained: str | os.PathLike
     if pretrained == "imagenet":
         path = imagenet_weights_file(name)
         if not path.is_file():
-            url = IMAGENET_WEIGHTS[name].url
-            raise FileNotFoundError(
-                f"ImageNet weights for {name} not found: download {url} and put the file "
-                f"{path.name} in {path.parent} (or pass pretrained=<path to the file>)")
+            raise ImageNetWeightsMissing(name, path, IMAGENET_WEIGHTS[name].url)
     else:
         path = Path(pretrained)
     state = read_state_dict(path)
@@ -216,7 +242,7 @@ def check_state_dict(module: nn.Module, state: dict[str, Any], what: str) -> Non
         if keys:
             problems.append(f"{len(keys)} {label} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
     if problems:
-        raise ValueError(f"weights do not match {what}: " + "; ".join(problems))
+        raise WeightsError(f"weights do not match {what}: " + "; ".join(problems))
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,20 +374,28 @@ def param_groups(model: nn.Module, weight_decay: float = 5e-4, head_lr_mult: flo
 # --------------------------------------------------------------------------------------------
 # Checkpoints (STYLE 9)
 # --------------------------------------------------------------------------------------------
-def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
-    """Write `obj` with torch.save so that `path` is always either the old or the new file.
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Write a file through `write(f)` so that `path` is always either the old or the new file.
 
-    The bytes go to a temporary file in the same folder (same file system, so os.replace is
-    an atomic rename), are flushed and fsynced, then renamed over `path`. On any failure,
-    including KeyboardInterrupt, the temporary file is removed and `path` is untouched.
+    The bytes go to a temporary file `.<name>.<random>.tmp` in the same folder (same file system,
+    so os.replace is an atomic rename), are flushed and fsynced, then renamed over `path`. On any
+    failure, including KeyboardInterrupt, the temporary file is removed and `path` is untouched;
+    only a kill -9 can leave one behind (train.py removes them on its next start). The file gets
+    the usual mode, 0666 minus the umask, as open() would give it (tempfile.mkstemp gives 0600).
     """
     path = Path(path)
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    while True:
+        tmp_name = folder / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:  # O_EXCL: a name nobody else holds; mode 0o666 is reduced by the umask
+            fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
@@ -382,6 +416,73 @@ def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
         os.close(dir_fd)
 
 
+class NonFiniteCheckpointError(ValueError):
+    """save_checkpoint was handed a NaN or infinite value (nothing was written)."""
+
+
+def _float_tensors(obj: Any, where: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """(key path, tensor) of every floating-point tensor inside nested dicts / lists / tuples."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() or obj.is_complex():
+            yield where, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from _float_tensors(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for index, value in enumerate(obj):
+            yield from _float_tensors(value, f"{where}[{index}]")
+
+
+def finite_flags(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """bool [N] on the tensors' device (one device, real floating point): tensor i holds no NaN/inf.
+
+    Computed on the device without reading anything back, exact (no overflow of a norm) and
+    with NaN propagating: on GPU one max-|x| multi-tensor reduction for all of them
+    (torch._foreach_norm of order inf, a few kernels for hundreds of tensors); on CPU, where
+    that falls back to a slow norm per tensor, min and max of each tensor (torch.aminmax, about
+    10x faster there).
+    """
+    if not tensors:
+        return torch.ones(0, dtype=torch.bool)
+    if tensors[0].device.type == "cpu":
+        extremes = [x.float() for t in tensors for x in (torch.aminmax(t) if t.numel() else (t.new_zeros(()),) * 2)]
+        return torch.isfinite(torch.stack(extremes)).view(-1, 2).all(1)
+    norms = torch._foreach_norm(tensors, float("inf"))  # [max |x|] per tensor
+    return torch.isfinite(torch.stack([n.float() for n in norms]))
+
+
+def non_finite_entries(obj: Any) -> list[str]:
+    """Key paths (e.g. 'model.backbone.bn1.running_var') of the tensors in `obj` holding NaN or inf.
+
+    `finite_flags` per device and one read-back each, so checking a whole checkpoint costs
+    about one pass over its bytes.
+    """
+    entries = list(_float_tensors(obj))
+    by_device: dict[torch.device, list[int]] = {}
+    for index, (_, tensor) in enumerate(entries):
+        by_device.setdefault(tensor.device, []).append(index)
+    bad = []
+    for indices in by_device.values():
+        tensors = [entries[i][1].detach() for i in indices]
+        finite = finite_flags([t.abs() if t.is_complex() else t for t in tensors]).tolist()
+        bad += [i for i, ok in zip(indices, finite) if not ok]
+    return [entries[i][0] for i in sorted(bad)]
+
+
+def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
+    """Write `obj` with torch.save atomically (see `atomic_write`), never a non-finite value.
+
+    A NaN or infinite tensor anywhere in `obj` (weights, BatchNorm statistics, optimizer
+    momentum, ...) raises NonFiniteCheckpointError naming it, and `path` keeps its previous
+    content: a checkpoint on disk is always one that can be trained on or evaluated.
+    """
+    bad = non_finite_entries(obj)
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise NonFiniteCheckpointError(f"not writing {path}: non-finite values in {', '.join(bad[:3])}{more}")
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
 def load_checkpoint(path: str | os.PathLike, num_classes: int | None = None,
                     map_location: str | torch.device = "cpu") -> tuple[SegmentationModel, dict]:
     """Rebuild the model from `ckpt["meta"]` and load `ckpt["model"]` strictly.
@@ -390,21 +491,24 @@ def load_checkpoint(path: str | os.PathLike, num_classes: int | None = None,
     to fine-tune). `num_classes`, when given, must equal the checkpoint's.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise WeightsNotFoundError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
         first_line = f"{type(error).__name__}: {error}".splitlines()[0]
-        raise ValueError(f"{path} is not a readable checkpoint ({first_line})") from None
+        raise WeightsError(f"{path} is not a readable checkpoint ({first_line})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "meta" not in ckpt:
-        raise ValueError(f"{path} is not a checkpoint of this project "
+        raise WeightsError(f"{path} is not a checkpoint of this project "
                          "(expected a dict with 'model' and 'meta')")
     meta = ckpt["meta"]
     missing = [key for key in ("arch", "backbone", "num_classes") if key not in meta]
     if missing:
-        raise ValueError(f"{path}: checkpoint meta lacks {', '.join(missing)}")
+        raise WeightsError(f"{path}: checkpoint meta lacks {', '.join(missing)}")
+    if meta["arch"] not in ARCHS or meta["backbone"] not in BACKBONES:
+        raise WeightsError(f"{path}: checkpoint meta names an unknown network "
+                           f"({meta['arch']!r} on {meta['backbone']!r})")
     if num_classes is not None and num_classes != meta["num_classes"]:
-        raise ValueError(f"{path} was trained for {meta['num_classes']} classes, "
+        raise WeightsError(f"{path} was trained for {meta['num_classes']} classes, "
                          f"but {num_classes} classes were requested")
     model = build_model(meta["arch"], meta["num_classes"], meta["backbone"], pretrained=None)
     what = f"{meta['arch']}/{meta['backbone']} with {meta['num_classes']} classes ({path})"

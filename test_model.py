@@ -292,6 +292,60 @@ def test_interrupted_save_keeps_previous_file(tmp_path, monkeypatch):
     assert torch.equal(got["model"]["classifier.weight"], first["model"]["classifier.weight"])
 
 
+def test_checkpoints_get_the_usual_file_mode(tmp_path):
+    # open() would give 0666 minus the umask; tempfile.mkstemp gave 0600 whatever the umask.
+    _, ckpt = make_checkpoint()
+    previous = os.umask(0o022)
+    try:
+        save_checkpoint(ckpt, tmp_path / "shared.pt")
+        os.umask(0o077)
+        save_checkpoint(ckpt, tmp_path / "private.pt")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "shared.pt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "private.pt").stat().st_mode & 0o777 == 0o600
+
+
+def test_save_checkpoint_never_writes_a_non_finite_value(tmp_path):
+    _, ckpt = make_checkpoint()
+    path = tmp_path / "last.pt"
+    save_checkpoint(ckpt, path)
+    before = path.read_bytes()
+    momentum = {"state": {3: {"momentum_buffer": torch.tensor([1.0, float("inf")])}}, "param_groups": []}
+    with pytest.raises(model_lib.NonFiniteCheckpointError, match=r"optimizer\.state\.3\.momentum_buffer"):
+        save_checkpoint({**ckpt, "optimizer": momentum}, path)
+    stats = dict(ckpt["model"])
+    stats["backbone.bn1.running_var"] = stats["backbone.bn1.running_var"].clone()
+    stats["backbone.bn1.running_var"][2] = float("nan")
+    with pytest.raises(model_lib.NonFiniteCheckpointError, match=r"model\.backbone\.bn1\.running_var"):
+        save_checkpoint({**ckpt, "model": stats}, path)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["last.pt"]
+    # Integer tensors (BatchNorm's num_batches_tracked, RNG states) are not floating point: fine.
+    save_checkpoint({**ckpt, "rng": torch.zeros(4, dtype=torch.uint8)}, path)
+
+
+def test_weight_and_checkpoint_errors_have_their_own_class(tmp_path, monkeypatch):
+    # train.py turns these (and data.DatasetError) into one line, and nothing else: a ValueError
+    # from a bug keeps its traceback. They stay ValueError / FileNotFoundError for older callers.
+    with pytest.raises(model_lib.WeightsNotFoundError) as info:
+        load_checkpoint(tmp_path / "absent.pt")
+    assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, model_lib.WeightsError)
+    (tmp_path / "garbage.pt").write_bytes(b"garbage")
+    with pytest.raises(model_lib.WeightsError) as info:
+        load_checkpoint(tmp_path / "garbage.pt")
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(model_lib.WeightsError):
+        build_model("fcn", 3, "resnet18", pretrained=tmp_path / "garbage.pt")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(model_lib.ImageNetWeightsMissing) as info:
+        build_model("fcn", 3, "resnet18", pretrained="imagenet")
+    assert "(or pass --pretrained x)" in info.value.remedy("--pretrained x")
+    _, ckpt = make_checkpoint()
+    torch.save({**ckpt, "meta": {**ckpt["meta"], "arch": "unet"}}, tmp_path / "foreign.pt")
+    with pytest.raises(model_lib.WeightsError, match="unknown network"):
+        load_checkpoint(tmp_path / "foreign.pt")
+
+
 def test_load_checkpoint_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found: .*nope.pt"):
         load_checkpoint(tmp_path / "nope.pt")

@@ -178,7 +178,8 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_checkpoint(tmp_pat
     with pytest.raises(SystemExit) as stop:
         train_main(*run_args(tmp_path, "--loss", "affinity", "--iters", "8", "--save-every", "2"))
     message = str(stop.value)
-    assert "non-finite loss at step 5" in message and "ce=nan" in message and "affinity=" in message
+    # Iteration 5 (0-based) makes step 6, as log.jsonl and checkpoints count steps.
+    assert "non-finite loss at step 6" in message and "ce=nan" in message and "affinity=" in message
     assert str(tmp_path / "last.pt") in message
     assert not (tmp_path / "model.pt").exists()
     _, ckpt = load_checkpoint(tmp_path / "last.pt")
@@ -208,8 +209,12 @@ def test_resume_after_a_kill_ends_with_identical_weights(tmp_path):
     for key in ("optimizer", "aaf_optimizer"):
         for index, state in whole[key]["state"].items():
             assert torch.equal(state["momentum_buffer"], split[key]["state"][index]["momentum_buffer"])
-    # The killed run logged steps 1-5; the resumed one appends from step 5 (step 5 is redone).
-    assert [r["step"] for r in read_log(tmp_path / "split")] == [1, 2, 3, 4, 5, 5, 6, 7, 8]
+    # The killed run logged steps 1-5; the resumed one dropped step 5's record (past last.pt's
+    # step 4) and redid it: each step is logged once, and the records equal the whole run's.
+    split_log, whole_log = read_log(tmp_path / "split"), read_log(tmp_path / "whole")
+    assert [r["step"] for r in split_log] == [1, 2, 3, 4, 5, 6, 7, 8]
+    for a, b in zip(split_log, whole_log):
+        assert a["loss"] == b["loss"] and a["kernel_sizes"] == b["kernel_sizes"], a["step"]
 
 
 def test_init_carries_network_and_aaf_weights_into_a_fresh_schedule(tmp_path):
@@ -325,3 +330,389 @@ def test_tensorboard_without_the_package_says_what_to_install(tmp_path, monkeypa
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import raises ImportError
     with pytest.raises(SystemExit, match="pip install tensorboard"):
         train_main(*run_args(tmp_path / "run"), "--tensorboard")
+
+# ----------------------------------------------------------------------------- issue 13: nothing lost, nothing silently wrong
+
+def all_finite(ckpt: dict) -> list[str]:
+    """Names of the non-finite tensors anywhere in a checkpoint dict (empty when all are finite)."""
+    bad = []
+
+    def walk(obj, where):
+        if isinstance(obj, torch.Tensor):
+            if obj.is_floating_point() and not torch.isfinite(obj).all():
+                bad.append(where)
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{where}.{k}")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, f"{where}[{i}]")
+    walk(ckpt, "ckpt")
+    return bad
+
+
+def test_overflowing_batchnorm_statistics_stop_training_and_are_never_saved(tmp_path):
+    # A huge learning rate makes activations overflow: BatchNorm's running variance becomes +inf
+    # while the loss, computed on batch statistics, stays finite (the issue's --lr 50 / --lr 5 runs).
+    # Synthetic crops 48, batch 2, lr 5000: running_var overflows at step 3 (seen: steps 3-5).
+    with pytest.raises(SystemExit) as stop:
+        train_main(*run_args(tmp_path, "--iters", "30", "--lr", "5000", "--save-every", "1", "--log-every", "30"))
+    message = str(stop.value)
+    assert "\n" not in message
+    assert "non-finite BatchNorm statistics at step" in message and "running_var" in message, message
+    bad_step = int(message.split("at step ")[1].split()[0])
+    assert not (tmp_path / "model.pt").exists()
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["step"] == bad_step - 1, message  # the state just before the bad iteration
+    assert all_finite(ckpt) == []                 # weights, BN statistics, momentum, AAF weights
+    assert f"the last good checkpoint is {tmp_path / 'last.pt'} (step {bad_step - 1})" in message
+
+
+def test_non_finite_gradients_from_a_finite_loss_stop_at_their_step(tmp_path, monkeypatch):
+    real_build = train.build_parts
+    state = {"calls": 0}
+
+    def build_with_a_bad_gradient(*args, **kwargs):
+        parts = real_build(*args, **kwargs)
+
+        def poison(grad):  # the classifier bias of iteration 3 (0-based) gets an infinite gradient
+            state["calls"] += 1
+            return grad.clone().fill_(float("inf")) if state["calls"] == 4 else grad
+        parts.model_without_ddp.classifier.bias.register_hook(poison)
+        return parts
+
+    monkeypatch.setattr(train, "build_parts", build_with_a_bad_gradient)
+    with pytest.raises(SystemExit) as stop:
+        train_main(*run_args(tmp_path, "--loss", "ce", "--iters", "8", "--save-every", "1", "--log-every", "8"))
+    message = str(stop.value)
+    assert message.startswith("train.py: non-finite gradients at step 4 from a finite loss (ce="), message
+    assert "also non-finite: parameters, optimizer state" in message  # the SGD step spread it
+    assert "model.classifier.bias" in message
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["step"] == 3 and all_finite(ckpt) == []
+
+
+def test_non_finite_weights_after_a_finite_step_stop_before_any_checkpoint(tmp_path, monkeypatch):
+    # Loss and gradients of iteration 0 are finite, the weights after its SGD step are not (what an
+    # overflowing update does). Today's main writes them to last.pt at step 1 and stops one step later.
+    real_build = train.build_parts
+
+    def build_with_an_overflowing_step(*args, **kwargs):
+        parts = real_build(*args, **kwargs)
+        real_sgd_step = parts.optimizer.step
+
+        def overflowing_step(*a, **k):
+            result = real_sgd_step(*a, **k)
+            with torch.no_grad():
+                parts.model_without_ddp.backbone.conv1.weight[0, 0, 0, 0] = float("inf")
+            return result
+        parts.optimizer.step = overflowing_step
+        return parts
+
+    monkeypatch.setattr(train, "build_parts", build_with_an_overflowing_step)
+    with pytest.raises(SystemExit) as stop:
+        train_main(*run_args(tmp_path, "--loss", "ce", "--save-every", "1", "--log-every", "4"))
+    message = str(stop.value)
+    assert "non-finite parameters at step 1 from a finite loss" in message, message
+    assert "model.backbone.conv1.weight" in message and "no checkpoint was written yet" in message
+    assert not (tmp_path / "last.pt").exists() and not (tmp_path / "model.pt").exists()
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--lr", "nan", "--lr nan must be a finite number"),
+    ("--lr", "inf", "--lr inf must be a finite number"),
+    ("--lambda", "nan", "--lambda nan must be a finite number"),
+    ("--margin", "-inf", "--margin -inf must be a finite number"),
+    ("--momentum", "1.5", "--momentum 1.5 must be in [0, 1)"),
+    ("--weight-decay", "-1e-4", "--weight-decay -0.0001 must be in [0, inf)"),
+    ("--head-lr-mult", "nan", "--head-lr-mult nan must be a finite number"),
+    ("--crop-size", "0", "--crop-size 0 must be a positive multiple"),
+    ("--train-length", "-1", "--train-length -1 must be >= 1"),
+    ("--train-length", "0", "--train-length 0 must be >= 1"),
+    ("--iters", "0", "--iters 0 must be >= 1"),
+    ("--batch-size", "0", "--batch-size 0 must be >= 1"),
+    ("--save-every", "0", "--save-every 0 must be >= 1"),
+    ("--log-every", "0", "--log-every 0 must be >= 1"),
+    ("--workers", "-1", "--workers -1 must be >= 0"),
+    ("--out", "", "--out is empty"),
+    ("--lr", "1e38", "--lr 1e+38 x --head-lr-mult 10 overflows float32"),
+])
+def test_bad_flag_values_are_one_line_errors_not_defaults(flag, value, expected):
+    with pytest.raises(SystemExit) as stop:
+        train.resolve_args(train.get_args_parser().parse_args([f"{flag}={value}"]))
+    message = str(stop.value)
+    assert expected in message and "\n" not in message, message
+
+
+def test_data_root_needs_a_dataset_and_synthetic_takes_none(tmp_path):
+    with pytest.raises(SystemExit, match="--data-root .* given without --dataset"):
+        train.resolve_args(train.get_args_parser().parse_args(["--data-root", str(tmp_path)]))
+    with pytest.raises(SystemExit, match="synthetic .* takes no --data-root"):
+        train.resolve_args(train.get_args_parser().parse_args(["--dataset", "synthetic", "--data-root", str(tmp_path)]))
+    args, _ = train.resolve_args(train.get_args_parser().parse_args([]))
+    assert args.dataset == "synthetic" and args.workers == 0  # CPU: data loads in the training process
+
+
+def test_default_workers_follow_the_cpus_of_each_process(monkeypatch):
+    monkeypatch.setattr(train.evaluate, "usable_cpus", lambda: 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert train.default_workers("cuda") == 3    # 16 CPUs / 4 processes, one left to the process itself
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert train.default_workers("cuda") == 15
+    monkeypatch.setattr(train.evaluate, "usable_cpus", lambda: 128)
+    assert train.default_workers("cuda") == train.MAX_DEFAULT_WORKERS
+    monkeypatch.setattr(train.evaluate, "usable_cpus", lambda: 1)
+    assert train.default_workers("cuda") == 1
+    assert train.default_workers("cpu") == 0
+
+
+def test_resume_refuses_a_changed_amp(tmp_path):
+    train_main(*run_args(tmp_path, "--iters", "3", "--save-every", "1", "--stop-after", "1"))
+    with pytest.raises(SystemExit, match=r"--amp: True now, False in the checkpoint"):
+        train_main(*run_args(tmp_path, "--iters", "3", "--save-every", "1", "--amp",
+                             "--resume", str(tmp_path / "last.pt")))
+
+
+def test_a_rerun_never_destroys_a_run(tmp_path):
+    common = ("--loss", "ce", "--iters", "4", "--save-every", "1")
+    train_main(*run_args(tmp_path, *common, "--stop-after", "3"))
+    before = (tmp_path / "last.pt").read_bytes(), (tmp_path / "log.jsonl").read_text()
+    with pytest.raises(SystemExit) as stop:
+        train_main(*run_args(tmp_path, *common))  # the same command again, without --resume
+    message = str(stop.value)
+    assert "\n" not in message
+    assert "last.pt at step 3" in message and "log.jsonl with 3 records" in message, message
+    assert f"--resume {tmp_path / 'last.pt'}" in message and "another --out" in message
+    assert ((tmp_path / "last.pt").read_bytes(), (tmp_path / "log.jsonl").read_text()) == before
+    # An explicit --overwrite starts afresh.
+    result = train_main(*run_args(tmp_path, *common, "--overwrite"))
+    assert result["step"] == 4 and [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4]
+    with pytest.raises(SystemExit, match="model.pt at step 4"):  # a finished run is protected too
+        train_main(*run_args(tmp_path, *common))
+
+
+def test_resume_cleans_the_folder_and_args_json_describes_each_start(tmp_path):
+    common = ("--loss", "ce", "--iters", "6", "--save-every", "2")
+    train_main(*run_args(tmp_path, *common, "--stop-after", "5"))     # last.pt at step 4, log 1..5
+    settings = json.loads((tmp_path / "args.json").read_text())
+    assert settings["start_step"] == 0 and settings["args"]["crop_size"] == 48
+    assert settings["args"]["iters"] == 6 and settings["args"]["workers"] == 0
+    # What a kill -9 leaves: a half-written log line and the temporary file of a checkpoint write.
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 6, "iters": 6, "lo')
+    (tmp_path / ".last.pt.1a2b3c4d.tmp").write_bytes(b"PK\x03\x04 half a zip")
+    train_main(*run_args(tmp_path, *common, "--resume", str(tmp_path / "last.pt")))
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4, 5, 6]  # step 5 redone, logged once
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["args.json", "last.pt", "log.jsonl", "model.pt"]
+    settings = json.loads((tmp_path / "args.json").read_text())
+    assert settings["start_step"] == 4 and settings["args"]["resume"] == str(tmp_path / "last.pt")
+    # Checkpoints get the mode open() gives under the umask (mkstemp's 0600 before).
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("last.pt", "model.pt", "log.jsonl", "args.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def count_host_reads(monkeypatch) -> list[str]:
+    """Patch every Tensor method that reads device memory back into Python; returns the call log."""
+    calls: list[str] = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            calls.append(f"{_name} in step {train_state['step']}")
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return calls
+
+
+train_state = {"step": None}
+
+
+def test_no_host_read_back_inside_the_training_step(tmp_path, monkeypatch):
+    real_step = train.train_step
+
+    def marked_step(parts, images, labels, step, *args, **kwargs):
+        train_state["step"] = step
+        try:
+            return real_step(parts, images, labels, step, *args, **kwargs)
+        finally:
+            train_state["step"] = None
+
+    monkeypatch.setattr(train, "train_step", marked_step)
+    calls = count_host_reads(monkeypatch)
+    # 9 iterations, logged (and checked) every 3, no intermediate checkpoint (--save-every 9).
+    train_main(*run_args(tmp_path, "--loss", "aaf", "--iters", "9", "--log-every", "3", "--save-every", "9"))
+    monkeypatch.undo()
+    inside = [c for c in calls if not c.endswith("None")]
+    assert inside == [], inside[:5]
+    # The reads happen at the 3 log points (finiteness check, averages, AAF field sizes) and at the
+    # end, never once per iteration: far fewer than a per-step check would make.
+    assert 3 <= len(calls) < 9 * 10, len(calls)
+    assert [r["step"] for r in read_log(tmp_path)] == [3, 6, 9]
+
+
+def test_logged_averages_are_the_means_of_the_step_values(tmp_path, monkeypatch):
+    seen = []
+    real_step = train.train_step
+
+    def recording_step(*args, **kwargs):
+        values = real_step(*args, **kwargs)
+        seen.append({k: float(v) for k, v in values.items()})
+        return values
+
+    monkeypatch.setattr(train, "train_step", recording_step)
+    train_main(*run_args(tmp_path, "--loss", "affinity", "--iters", "5", "--log-every", "3"))
+    records = read_log(tmp_path)
+    assert [r["step"] for r in records] == [3, 5]
+    for record, window in zip(records, (seen[0:3], seen[3:5])):
+        for key, value in record["loss"].items():
+            # float64 sums of the float32 values, as the Python floats of the previous trainer.
+            assert value == sum(v[key] for v in window) / len(window), key
+
+
+def test_one_loader_serves_every_epoch_with_the_crops_of_zero_workers(monkeypatch):
+    dataset = data.build_dataset("synthetic", None, "train", train=True, crop_size=32, seed=0, length=6)
+    made = []
+    real_loader = train.DataLoader
+
+    def counting_loader(*args, **kwargs):
+        made.append(kwargs.get("num_workers"))
+        return real_loader(*args, **kwargs)
+
+    monkeypatch.setattr(train, "DataLoader", counting_loader)
+    streams = {}
+    for workers in (0, 2):
+        args = train.resolve_args(train.get_args_parser().parse_args(
+            ["--batch-size", "2", "--crop-size", "32", "--workers", str(workers)]))[0]
+        batches = train.training_batches(dataset, args, train.Dist(), 1, pin_memory=False)
+        streams[workers] = [next(batches) for _ in range(7)]  # from step 1: epochs 0, 1, 2, 3
+        batches.close()
+    assert made == [0, 2]  # one loader per run, not one per epoch
+    for a, b in zip(streams[0], streams[2]):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+    # Epochs differ (new permutation and augmentation): batch 1 of epoch 0 vs of epoch 1.
+    assert not torch.equal(streams[0][0]["image"], streams[0][3]["image"])
+
+
+def test_a_corrupt_image_in_a_worker_is_one_line_naming_it(tmp_path):
+    from PIL import Image
+    import numpy as np
+    root = tmp_path / "camvid"
+    for folder in ("train", "trainannot", "val", "valannot"):
+        (root / folder).mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(np.full((24, 32, 3), 40 * i, np.uint8)).save(root / "train" / f"f{i}.png")
+        Image.fromarray(np.full((24, 32), i, np.uint8)).save(root / "trainannot" / f"f{i}.png")
+    corrupt = root / "train" / "f2.png"
+    corrupt.write_bytes(corrupt.read_bytes()[:40])  # a truncated PNG
+    with pytest.raises(SystemExit) as stop:
+        train_main("--dataset", "camvid", "--data-root", str(root), "--crop-size", "16", "--batch-size", "2",
+                   "--iters", "4", "--workers", "1", "--loss", "ce", "--backbone", "tiny", "--no-eval",
+                   "--out", str(tmp_path / "run"))
+    message = str(stop.value)
+    assert "\n" not in message and str(corrupt) in message, message
+
+
+def test_programming_errors_keep_their_traceback(tmp_path, monkeypatch):
+    def buggy(*args, **kwargs):
+        raise ValueError("a bug, not an input error")
+
+    monkeypatch.setattr(losses, "unary_loss", buggy)
+    with pytest.raises(ValueError, match="a bug"):
+        train_main(*run_args(tmp_path, "--loss", "ce"))
+    monkeypatch.undo()
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")  # an input error stays one line
+    with pytest.raises(SystemExit, match=r"bad.pt is not a readable checkpoint"):
+        train_main(*run_args(tmp_path / "run", "--init", str(tmp_path / "bad.pt")))
+
+
+def test_missing_imagenet_weights_name_the_flag_and_field_sizes_print_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(SystemExit) as stop:
+        train_main(*run_args(tmp_path / "r18", "--backbone", "resnet18"))
+    message = str(stop.value)
+    assert "--pretrained <file>" in message and "pretrained=" not in message and "\n" not in message
+    capsys.readouterr()
+    train_main(*run_args(tmp_path / "aaf", "--iters", "2", "--log-every", "2"))
+    assert capsys.readouterr().out.count("AAF field size per class") == 1  # the last log line only
+
+
+def test_compiled_steps_match_eager_closely():
+    # aot_eager: TorchDynamo capture + AOT autograd (the graphs inductor would compile), without
+    # code generation, so that the test stays cheap on CPU; FCN + cross-entropy keep the traced
+    # graphs small (the projection losses' own compile test is in test_losses.py).
+    flags = ("--crop-size", "48", "--batch-size", "2", "--iters", "100", "--loss", "ce", "--arch", "fcn")
+    eager, args = build_for_steps(*flags)
+    compiled, compiled_args = build_for_steps(*flags, "--compile", "aot_eager")
+    assert isinstance(compiled.forward, torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(compiled.loss_terms, torch._dynamo.eval_frame.OptimizedModule)
+    images, labels = one_batch()
+    for step in range(2):
+        a = train.train_step(eager, images, labels, step, args)
+        b = train.train_step(compiled, images, labels, step, compiled_args)
+        for key in a:
+            assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-5, abs=1e-6), (step, key)
+    for (name, p), q in zip(eager.model.named_parameters(), compiled.model.parameters()):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), name
+    # The checkpoint holds the plain module's names (no torch.compile "_orig_mod." prefix).
+    info = data.dataset_info("synthetic")
+    keys = train.checkpoint(compiled, compiled_args, info, 2, torch.device("cpu"), 1)["model"].keys()
+    assert keys == eager.model.state_dict().keys()
+
+
+def test_killing_one_torchrun_rank_leaves_one_line_per_survivor(tmp_path):
+    logs = tmp_path / "logs"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "--log-dir", str(logs), "--redirects", "3", str(REPO / "train.py"),
+               *run_args(tmp_path / "ddp", "--loss", "ce", "--iters", "6", "--batch-size", "4",
+                         "--save-every", "2", "--kill-at", "1:3")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
+    assert done.returncode != 0
+    (rank0_err,) = logs.rglob("0/stderr.log")
+    lines = [line for line in rank0_err.read_text().splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("train.py: rank 0: ") and "last good checkpoint" in lines[0], lines
+    assert "step 2" in lines[0]  # last.pt of step 2 is kept; iteration 3 never finished
+
+
+def test_a_non_finite_value_on_one_rank_stops_every_rank_at_its_step(monkeypatch):
+    # Two threads stand in for two torchrun ranks; all_reduce combines their tensors as gloo would
+    # (MIN / SUM). Real processes would cost seconds of imports (spawn), and fork deadlocks once
+    # OpenMP threads exist in the pytest process.
+    import threading
+    barrier, slots, local = threading.Barrier(2), {}, threading.local()
+
+    def all_reduce(tensor, op=torch.distributed.ReduceOp.SUM):
+        slots[local.rank] = tensor.clone()
+        barrier.wait()
+        a, b = slots[0], slots[1]
+        result = torch.minimum(a, b) if op == torch.distributed.ReduceOp.MIN else a + b
+        barrier.wait()
+        tensor.copy_(result)
+
+    monkeypatch.setattr(train.torch_dist, "all_reduce", all_reduce)
+    parts, _ = build_for_steps("--crop-size", "48", "--batch-size", "2", "--loss", "ce")
+    answers = {}
+
+    def rank_thread(rank: int) -> None:
+        local.rank = rank
+        dist = train.Dist(rank, 2, rank)
+        guard = train.FiniteGuard(torch.device("cpu"))
+        answers[rank] = []
+        for step in range(6):
+            ce = float("nan") if (rank == 1 and step == 3) else 1.0 + step  # rank 1 alone goes bad
+            guard.record(step, {"ce": torch.tensor(ce), "total": torch.tensor(1.0 + step)}, parts)
+            if step in (1, 5):  # the check points (log intervals), the same on every rank
+                answers[rank].append(guard.check(parts, dist))
+
+    threads = [threading.Thread(target=rank_thread, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert answers[0][0] is None and answers[1][0] is None   # steps 1-2: fine on both ranks
+    # Iteration 3 of rank 1 makes step 4; the values shown are those of the rank(s) that went bad.
+    assert answers[0][1] == answers[1][1], answers
+    assert answers[0][1].startswith("non-finite loss at step 4: ce=nan total=4"), answers[0][1]

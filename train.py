@@ -20,6 +20,10 @@ One iteration, for a crop batch `x [B, 3, H, W]` with labels `y [B, H, W]`:
 - Multi-GPU with torchrun (env ranks, DDP, SyncBatchNorm on GPU, DistributedSampler); rank 0
   alone logs and writes. Checkpoints are plain types written atomically; `--resume` continues
   bit-exactly on CPU (data order and augmentation are functions of (seed, epoch, index)).
+- No host read-back in the loop: finiteness of the loss terms, gradients, parameters, BatchNorm
+  statistics and optimizer state is reduced on the device every iteration (`FiniteGuard`) and
+  read at log intervals and before every checkpoint write, so a GPU queue never drains; a
+  checkpoint is only written when everything in it is finite.
 
     python train.py                  # demo: synthetic data, tiny PSPNet, CPU, then val mIoU
     torchrun --nproc_per_node=4 train.py --dataset voc --data-root data/VOCdevkit --loss aaf --amp
@@ -32,9 +36,10 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +47,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 import data
 import evaluate
@@ -59,7 +64,10 @@ ADVERSARY_KEYS = {"aaf": "aaf", "gan": "disc"}
 # Settings that define the optimisation trajectory: a resumed run must use the same ones.
 TRAJECTORY_ARGS = ("dataset", "train_split", "train_length", "crop_size", "arch", "backbone", "loss",
                    "loss_lambda", "margin", "kernel_sizes", "decay", "iters", "batch_size", "lr",
-                   "head_lr_mult", "momentum", "weight_decay", "seed")
+                   "head_lr_mult", "momentum", "weight_decay", "seed", "amp")
+# Files written atomically into the run folder; a kill -9 mid-write leaves `.<name>.<random>.tmp`.
+ATOMIC_FILES = ("last.pt", "model.pt", "log.jsonl", "args.json")
+MAX_DEFAULT_WORKERS = 16  # beyond this, more loader processes mostly add memory (each holds a prefetch queue)
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -86,11 +94,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         epilog="Flags left at 'dataset default' take the paper's value for --dataset "
                "(data.py's DatasetInfo; SPEC section 6).")
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset", default="synthetic", choices=sorted(data.DATASET_NAMES),
-                   help="data set (default: synthetic, generated on the fly, no download); folder: your own "
-                        "data at --data-root (classes.txt, images/<split>/, labels/<split>/; README 'Your own "
-                        f"data'), whose defaults are: {data.FOLDER_DEFAULTS_TEXT}")
-    g.add_argument("--data-root", default=None, help="folder holding the data set (not needed for synthetic)")
+    g.add_argument("--dataset", default=None, choices=sorted(data.DATASET_NAMES),
+                   help="data set (default: synthetic, generated on the fly, no download; name it whenever "
+                        "you give --data-root); folder: your own data at --data-root (classes.txt, "
+                        "images/<split>/, labels/<split>/; README 'Your own data'), whose defaults are: "
+                        f"{data.FOLDER_DEFAULTS_TEXT}")
+    g.add_argument("--data-root", default=None,
+                   help="folder holding the data set (required for every data set but synthetic, "
+                        "which takes none)")
     g.add_argument("--train-split", default=None,
                    help="training split (dataset default, e.g. VOC train_aug; VOC stage 2: train)")
     g.add_argument("--crop-size", type=int, default=None,
@@ -98,7 +109,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-length", type=int, default=None, metavar="N",
                    help="train on the first N samples only (quick runs and tests; default: all)")
     g.add_argument("--workers", type=int, default=None,
-                   help="data loading processes per rank (default: 4 on GPU, 0 on CPU)")
+                   help="data loading processes per rank, >= 0; they live for the whole run and "
+                        "prefetch 2 batches each (default on GPU: the CPUs this process may use, i.e. its "
+                        f"affinity mask divided by the processes per node, minus 1, at most {MAX_DEFAULT_WORKERS}; "
+                        "on CPU: 0, since workers would take cores from the model's threads)")
 
     g = parser.add_argument_group("model")
     g.add_argument("--arch", default="pspnet", choices=model_lib.ARCHS, help="segmentation head (default: pspnet)")
@@ -139,20 +153,33 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     g.add_argument("--amp", action="store_true", help="bf16 autocast on GPU (ignored on CPU)")
+    g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the model and the losses (BACKEND default: inductor; no fullgraph, "
+                        "so a graph break runs that piece eagerly). Costs compilation in the first "
+                        "iterations of every start, also after --resume (measured: about 3 CPU-minutes for "
+                        "the tiny PSPNet with AAF on CPU; expect minutes for ResNet-101 on a GPU), then "
+                        "faster steps. Compiled kernels round differently from eager ones, so bit-exact "
+                        "--resume is only promised without it (default: off)")
     g.add_argument("--seed", type=int, default=0,
                    help="seed of initialisation, data order and augmentation (default: 0)")
     g.add_argument("--out", default=None,
                    help="output folder (default: runs/<dataset>_<loss>, or the --resume folder)")
     g.add_argument("--resume", default=None, metavar="CKPT",
                    help="continue an interrupted run exactly from its last.pt (pass the run's other flags again)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out folder that holds a run (its last.pt, model.pt and "
+                        "log.jsonl are deleted); without it such a folder is refused")
     g.add_argument("--init", default=None, metavar="CKPT",
                    help="start from a checkpoint's weights (network, and AAF weights / discriminator when the "
                         "checkpoint has them); optimizer, step and schedule start afresh (VOC stage 2)")
     g.add_argument("--finetune", action="store_true",
                    help="the data set's second stage (VOC: on train, lr 1e-4, 30000 iterations); use with --init")
     g.add_argument("--save-every", type=int, default=None,
-                   help="write last.pt every N iterations (default: iters/10, at most 1000)")
-    g.add_argument("--log-every", type=int, default=20, help="log every N iterations (default: 20)")
+                   help="write last.pt every N iterations, after checking that all of it is finite "
+                        "(default: iters/10, at most 1000)")
+    g.add_argument("--log-every", type=int, default=20,
+                   help="log every N iterations; also when the device-side finiteness checks and loss "
+                        "sums are read back (default: 20)")
     g.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
                    help="single-scale mIoU on the validation split after training (default: on)")
     g.add_argument("--tensorboard", action="store_true",
@@ -165,16 +192,82 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="stop after N iterations without writing model.pt, as if the run were killed")
     g.add_argument("--dump-rank-state", action="store_true",
                    help="every rank writes its parameters to <out>/rank<R>.pt at the end (consistency check)")
+    g.add_argument("--kill-at", default=None, metavar="RANK:STEP",
+                   help="process RANK sends itself SIGKILL before iteration STEP (fault injection)")
     return parser
+
+
+def flag_name(dest: str) -> str:
+    """The command-line spelling of an argparse destination (loss_lambda -> --lambda)."""
+    return "--lambda" if dest == "loss_lambda" else "--" + dest.replace("_", "-")
+
+
+def given_value_problems(args: argparse.Namespace) -> list[str]:
+    """Every value the user gave that is out of range, checked BEFORE defaults are filled in, so
+    that no given value is ever silently replaced by a default (e.g. --train-length 0)."""
+    problems = []
+    for dest in ("train_length", "iters", "batch_size", "save_every", "log_every", "stop_after"):
+        value = getattr(args, dest, None)
+        if value is not None and value < 1:
+            problems.append(f"{flag_name(dest)} {value} must be >= 1")
+    if getattr(args, "workers", None) is not None and args.workers < 0:
+        problems.append(f"--workers {args.workers} must be >= 0 (0 loads the data in the training process)")
+    # Floats: argparse's float() takes "nan" and "inf"; none of these settings has a meaning for them.
+    ranges = {"lr": (0.0, None), "loss_lambda": (0.0, None), "margin": (0.0, None), "head_lr_mult": (0.0, None),
+              "weight_decay": (0.0, None), "momentum": (0.0, 1.0)}
+    for dest, (low, high) in ranges.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        if not math.isfinite(value):
+            problems.append(f"{flag_name(dest)} {value} must be a finite number")
+        elif value < low or (high is not None and value >= high):
+            problems.append(f"{flag_name(dest)} {value} must be in [{low:g}, {'inf' if high is None else f'{high:g}'})")
+    for dest in ("data_root", "out", "resume", "init", "pretrained"):
+        if getattr(args, dest, None) == "":
+            problems.append(f"{flag_name(dest)} is empty")
+    if getattr(args, "kill_at", None) is not None:
+        rank, _, step = args.kill_at.partition(":")
+        if not (rank.isdigit() and step.isdigit()):
+            problems.append(f"--kill-at {args.kill_at}: expected RANK:STEP, e.g. 1:3")
+    if args.device not in ("auto", "cpu", "cuda"):
+        problems.append(f"--device {args.device}: expected auto, cpu or cuda")
+    return problems
+
+
+def default_workers(device_type: str) -> int:
+    """Loader processes per rank when --workers is not given (the rule --help states)."""
+    if device_type != "cuda":
+        return 0
+    processes_per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    per_process = evaluate.usable_cpus() // processes_per_node
+    return max(1, min(MAX_DEFAULT_WORKERS, per_process - 1))  # one core stays with the training process
 
 
 def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, data.DatasetInfo]:
     """Fill the per-dataset defaults (SPEC 6) and check the invariants before anything runs."""
     args = argparse.Namespace(**vars(args))  # the caller's namespace stays untouched
+    for dest, default in (("compile", None), ("overwrite", False), ("kill_at", None)):
+        if not hasattr(args, dest):  # namespaces built before these flags existed
+            setattr(args, dest, default)
+    problems = given_value_problems(args)
+    if args.dataset is None:
+        if args.data_root is not None:
+            problems.append(f"--data-root {args.data_root} given without --dataset: name the data set "
+                            f"({', '.join(d for d in sorted(data.DATASET_NAMES) if d != 'synthetic')})")
+        args.dataset = "synthetic"
+    elif args.dataset == "synthetic" and args.data_root is not None:
+        problems.append("--dataset synthetic is generated on the fly and takes no --data-root")
+    if problems:
+        raise SystemExit("train.py: " + "; ".join(problems))
     try:
         info = data.dataset_info(args.dataset, args.data_root)  # folder: classes and splits from the root
     except data.DatasetError as err:
         raise SystemExit(f"train.py: {err}") from None
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.workers is None:
+        args.workers = default_workers(args.device)
     if args.backbone is None:
         args.backbone = "tiny" if args.dataset == "synthetic" else "resnet101"
     if args.resume or args.init:
@@ -208,11 +301,13 @@ def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, data.Dat
         args.out = str(Path(args.resume).parent) if args.resume else f"runs/{args.dataset}_{args.loss}{stage}"
 
     stride = model_lib.OUTPUT_STRIDE
-    problems = []
     if args.crop_size <= 0 or args.crop_size % stride:
         problems.append(f"--crop-size {args.crop_size} must be a positive multiple of the output stride {stride}")
-    if args.iters <= 0 or args.batch_size <= 0 or args.lr < 0:
-        problems.append("--iters and --batch-size must be positive and --lr non-negative")
+    if args.lr * args.head_lr_mult > torch.finfo(torch.float32).max:  # SGD applies it in float32
+        problems.append(f"--lr {args.lr:g} x --head-lr-mult {args.head_lr_mult:g} overflows float32")
+    if args.pretrained == "imagenet" and args.backbone not in model_lib.IMAGENET_WEIGHTS:
+        problems.append(f"--backbone {args.backbone} has no ImageNet weights: use --pretrained none "
+                        "or a state-dict file")
     if any(k < 3 or k % 2 == 0 for k in args.kernel_sizes):
         problems.append(f"--kernel-sizes {args.kernel_sizes}: each must be odd and >= 3 (k = 2s + 1)")
     if args.loss in ("random", "embedding") and len(args.kernel_sizes) != 1:
@@ -223,8 +318,6 @@ def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, data.Dat
         problems.append("--resume and --init exclude each other (resume continues a run, init starts a new one)")
     if args.finetune and not args.init and not args.resume:
         problems.append("--finetune continues from a first-stage model: give it with --init")
-    if args.log_every <= 0 or args.save_every <= 0:
-        problems.append("--log-every and --save-every must be positive")
     if args.eval and info.val_split not in info.splits:  # a folder set without images/val: say so now
         problems.append(f"{args.dataset} has no {info.val_split!r} split for the final evaluation "
                         f"(splits: {', '.join(info.splits)}); add it or pass --no-eval")
@@ -275,6 +368,41 @@ def cleanup_distributed() -> None:
         torch_dist.destroy_process_group()
 
 
+def is_lost_peer(err: BaseException, dist: Dist) -> bool:
+    """Did a collective fail because another process of the job died (killed, out of memory, ...)?
+
+    NCCL reports it as torch.distributed.DistError; gloo as a plain RuntimeError whose message
+    starts with its source location ("[.../gloo/transport/tcp/pair.cc:...] Connection reset by
+    peer"), so that is what we look for: any other RuntimeError is a bug and keeps its traceback.
+    """
+    if not dist.enabled:
+        return False
+    dist_error = getattr(torch_dist, "DistError", None)
+    return (dist_error is not None and isinstance(err, dist_error)) or "/gloo/" in str(err).split("]")[0]
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (torchrun stopping the job after another rank failed, or a scheduler).
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows it;
+    atomic writes in progress remove their temporary file on the way out.
+    """
+
+
+def raise_terminated(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the exit
+    raise Terminated()
+
+
+def rank0_decides(message: str | None, dist: Dist, device: torch.device) -> str | None:
+    """Rank 0's verdict for every rank (e.g. on a run folder only rank 0 may see)."""
+    if not dist.enabled:
+        return message
+    box = [message]
+    torch_dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+    return box[0]
+
+
 def average_gradients(params: list[nn.Parameter], dist: Dist) -> None:
     """Average the gradients of parameters DDP does not manage (AAF weights, discriminator).
 
@@ -300,33 +428,98 @@ def broadcast_parameters(module: nn.Module, dist: Dist) -> None:
 
 # ----------------------------------------------------------------------------- data
 
+class EpochSampler(Sampler):
+    """Endless (epoch, index) pairs of this rank, starting at iteration `start_step`.
+
+    Each epoch is a DistributedSampler permutation (set_epoch) cut to whole local batches, so that
+    iteration t is batch t mod n of epoch t div n: a resumed run skips the consumed batches of its
+    epoch without loading them. The epoch travels with every index to the data set's workers
+    (`EpochDataset`), so one DataLoader with persistent workers serves the whole run.
+    """
+
+    def __init__(self, dataset_size: int, local_batch: int, dist: Dist, seed: int, start_step: int):
+        self.local_batch = local_batch
+        self.sampler = DistributedSampler(range(dataset_size), num_replicas=dist.world_size, rank=dist.rank,
+                                          shuffle=True, seed=seed, drop_last=True)
+        self.per_epoch = len(self.sampler) // local_batch  # iterations per epoch
+        self.start_step = start_step
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, skip = divmod(self.start_step, self.per_epoch)
+        while True:
+            self.sampler.set_epoch(epoch)
+            indices = list(self.sampler)[skip * self.local_batch:self.per_epoch * self.local_batch]
+            yield from ((epoch, index) for index in indices)
+            epoch, skip = epoch + 1, 0
+
+
+class EpochDataset(Dataset):
+    """Item (epoch, index) of a training set: the sample of `index` with the augmentation of `epoch`.
+
+    data.py makes the augmentation a function of (seed, epoch, index) once set_epoch(epoch) is
+    called; here each worker's copy of the data set is told the epoch of every item it loads, so
+    results do not depend on the number of workers or on the workers outliving an epoch.
+    A data set error (a corrupt image) is handed back as {"error": message} instead of being
+    raised: raised in a worker, it would reach the training process as a 30-line traceback.
+    """
+
+    def __init__(self, dataset: data.SegmentationDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict:
+        epoch, index = item
+        self.dataset.set_epoch(epoch)
+        try:
+            return self.dataset[index]
+        except data.DatasetError as err:
+            return {"error": str(err)}
+
+
+class UnreadableSample(data.DatasetError):
+    """A training sample could not be read (raised on the rank whose loader met it)."""
+
+
+def collate_or_error(samples: list[dict]) -> dict:
+    """default_collate, or the first sample's {"error": message} when a sample could not be read."""
+    for sample in samples:
+        if "error" in sample:
+            return sample
+    return default_collate(samples)
+
+
 def training_batches(dataset: data.SegmentationDataset, args: argparse.Namespace, dist: Dist, start_step: int,
                      pin_memory: bool) -> Iterator[dict]:
     """Endless stream of this rank's batches, starting at iteration `start_step`.
 
-    Each epoch is a DistributedSampler permutation (set_epoch) and the data set's augmentation
-    is a function of (seed, epoch, index) (data.py's set_epoch). Iteration t is batch t mod n of
-    epoch t div n, so a resumed run skips the consumed batches of its epoch without loading them
-    and sees exactly the crops an uninterrupted run would, whatever the number of workers.
+    One DataLoader for the whole run (its `args.workers` processes start once and prefetch two
+    batches each; pinned memory on GPU so the copies overlap compute). Iteration t is batch
+    t mod n of epoch t div n (`EpochSampler`) and the augmentation is a function of (seed,
+    epoch, index), so a resumed run sees exactly the crops an uninterrupted run would,
+    whatever the number of workers. Raises UnreadableSample (one line) for a corrupt sample.
     """
     local_batch = args.batch_size // dist.world_size
-    sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
-                                 seed=args.seed, drop_last=True)
-    per_epoch = len(sampler) // local_batch
-    if per_epoch == 0:
+    sampler = EpochSampler(len(dataset), local_batch, dist, args.seed, start_step)
+    if sampler.per_epoch == 0:
         raise SystemExit(f"train.py: {len(dataset)} training samples cannot fill one global batch of "
                          f"{args.batch_size}")
-    epoch, skip = divmod(start_step, per_epoch)
-    while True:
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)  # before the loader exists, so that its workers' copies see it
-        indices = list(sampler)[skip * local_batch:]
-        # Own generator: creating a loader must not consume the global RNG (it differs on resume).
-        loader = DataLoader(dataset, batch_size=local_batch, sampler=indices,
-                            num_workers=args.workers, pin_memory=pin_memory, drop_last=True,
-                            generator=torch.Generator().manual_seed(args.seed + epoch))
-        yield from loader
-        epoch, skip = epoch + 1, 0
+    workers = args.workers
+    # Own generator: creating a loader must not consume the global RNG (it differs on resume).
+    loader = DataLoader(EpochDataset(dataset), batch_size=local_batch, sampler=sampler, num_workers=workers,
+                        collate_fn=collate_or_error, pin_memory=pin_memory, persistent_workers=workers > 0,
+                        prefetch_factor=2 if workers > 0 else None,
+                        generator=torch.Generator().manual_seed(args.seed))
+    batches = iter(loader)
+    try:
+        while True:
+            batch = next(batches)
+            if "error" in batch:
+                raise UnreadableSample(batch["error"])
+            yield batch
+    finally:
+        del batches  # shuts the worker processes down
 
 
 def batch_to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -347,6 +540,36 @@ class Parts:
     projection: nn.Module | None          # the loss module (AAF weights / discriminator inside)
     optimizer: torch.optim.Optimizer
     projection_optimizer: torch.optim.Optimizer | None  # AAF weights (ascent) or discriminator
+    # What train_step calls: `model`, `LossTerms(projection)` and the discriminator loss, or
+    # their torch.compile'd versions (--compile).
+    forward: Callable
+    loss_terms: Callable
+    disc_loss: Callable | None            # the GAN's discriminator loss (Eq. 6)
+
+
+class LossTerms(nn.Module):
+    """The unweighted loss terms of one batch: {"ce": Eq. (1), <--loss name>: the projection}.
+
+    Kept apart from the step-dependent weighting (lambda * 10^(-t/T), a Python float that
+    would make torch.compile recompile every iteration) so that --compile traces it once.
+    """
+
+    def __init__(self, projection: nn.Module | None, loss: str):
+        super().__init__()
+        self.projection, self.loss = projection, loss
+
+    def forward(self, logits: torch.Tensor, small: torch.Tensor, features: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
+        # logits [B, C, h, w] at stride 8, small [B, h, w] labels at the same size, features [B, F, h, w].
+        proj = self.projection
+        terms = {"ce": losses.unary_loss(logits, small)}                      # Eq. (1)
+        if self.loss == "gan":
+            terms["gan"] = proj.generator_loss(logits, small)                 # Eq. (5), no gradient into D
+        elif self.loss == "embedding":
+            terms["embedding"] = proj(features, small)
+        elif proj is not None:
+            terms[self.loss] = proj(logits, small)
+        return terms
 
 
 def build_projection(args: argparse.Namespace, info: data.DatasetInfo) -> nn.Module | None:
@@ -415,7 +638,19 @@ def build_parts(args: argparse.Namespace, info: data.DatasetInfo, device: torch.
     if dist.enabled:
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    return Parts(ddp_model, model, projection, optimizer, projection_optimizer)
+    parts = Parts(ddp_model, model, projection, optimizer, projection_optimizer, forward=ddp_model,
+                  loss_terms=LossTerms(projection, args.loss),
+                  disc_loss=projection.discriminator_loss if args.loss == "gan" else None)
+    if getattr(args, "compile", None):
+        # The model (through DDP, whose buckets torch.compile splits at), the loss terms and the
+        # discriminator loss, each traced once for the fixed crop size. No fullgraph: a graph break
+        # in a loss falls back to eager for that piece instead of failing.
+        compile = lambda fn: torch.compile(fn, backend=args.compile, dynamic=False)
+        parts.forward = compile(parts.model)
+        parts.loss_terms = compile(parts.loss_terms)
+        if parts.disc_loss is not None:
+            parts.disc_loss = compile(parts.disc_loss)
+    return parts
 
 
 def load_init_weights(model: nn.Module, projection: nn.Module | None, ckpt: dict, args: argparse.Namespace) -> None:
@@ -435,46 +670,167 @@ def load_init_weights(model: nn.Module, projection: nn.Module | None, ckpt: dict
 
 # ----------------------------------------------------------------------------- one iteration
 
-class NonFiniteLoss(RuntimeError):
-    """A loss term became NaN or infinite."""
+class NonFiniteError(RuntimeError):
+    """Something a checkpoint would hold (or the loss) became NaN or infinite; the message says what."""
 
 
-def check_finite(terms: dict[str, torch.Tensor], step: int, dist: Dist) -> dict[str, float]:
-    """Global (rank-averaged) values of the loss terms; raises if any is not finite.
+class FiniteGuard:
+    """A device-side watch over the loss and everything a checkpoint holds, with no host read-back.
 
-    Reducing before the check makes every rank stop at the same iteration.
+    Every iteration (`record`, from train_step) reduces on the device, without synchronising:
+    each loss term, and per kind (gradients; parameters of the network and of the AAF weights or
+    discriminator; BatchNorm statistics; optimizer state: SGD momentum of all optimizers) every
+    tensor (model.finite_flags: on GPU one multi-tensor max-|x| reduction over all of them; exact,
+    no overflow, NaN propagates), to one "not finite" flag per term and kind. The first step at which
+    a flag rises is kept with its flags and loss values; steps are counted as log.jsonl and
+    checkpoints count them (step s = the state after s iterations: iteration t makes step t + 1).
+    `check` reads that back: one read, and under torchrun two all_reduces so that every rank stops
+    at the same point. train.py calls it at every log interval (which includes the last
+    iteration) and before every checkpoint write; a checkpoint is written only after a clean
+    check, so the in-memory state that went bad is never saved.
+
+    It also sums the loss terms on the device for the logged averages (`take_averages`).
+    Non-finite values from a finite loss count: a huge learning rate that overflows the weights,
+    or BatchNorm running variances that overflow while the loss (on batch statistics) stays finite.
     """
-    values = torch.stack([t.detach().float() for t in terms.values()])
-    if dist.enabled:
-        torch_dist.all_reduce(values, op=torch_dist.ReduceOp.SUM)
-        values /= dist.world_size
-    result = dict(zip(terms, values.tolist()))
-    if not all(math.isfinite(v) for v in result.values()):
-        raise NonFiniteLoss(f"non-finite loss at step {step}: " +
-                            " ".join(f"{k}={v:.6g}" for k, v in result.items()))
-    return result
+
+    KINDS = ("gradients", "parameters", "BatchNorm statistics", "optimizer state")
+    NONE = 2**62  # "no bad step yet"; larger than any step so that a MIN over ranks finds the first
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.names: list[str] | None = None     # loss term names, in the order of train_step's dict
+        self.first_step = torch.full((), self.NONE, dtype=torch.int64, device=device)
+        self.first_flags: torch.Tensor | None = None    # bool [terms + kinds] at first_step
+        self.first_values: torch.Tensor | None = None   # float64 [terms] at first_step
+        self.sums: torch.Tensor | None = None           # float64 [terms] since the last average
+        self.count = 0
+
+    def record(self, step: int, terms: dict[str, torch.Tensor], parts: Parts) -> None:
+        """Fold iteration `step` in: call after the optimizer steps (gradients are still there)."""
+        values = torch.stack([t.detach().float() for t in terms.values()]).double()  # [terms]
+        if self.names is None:
+            self.names = list(terms)
+            self.first_flags = torch.zeros(len(terms) + len(self.KINDS), dtype=torch.bool, device=self.device)
+            self.first_values = torch.zeros(len(terms), dtype=torch.float64, device=self.device)
+            self.sums = torch.zeros(len(terms), dtype=torch.float64, device=self.device)
+        groups = watched_tensors(parts)
+        tensors = [t for kind in self.KINDS for t in groups[kind]]
+        sizes = [len(groups[kind]) for kind in self.KINDS]
+        finite = model_lib.finite_flags(tensors)                                     # [tensors]
+        kind_ok = torch.stack([chunk.all() for chunk in torch.split(finite, sizes)])  # [kinds]
+        flags = torch.cat([~torch.isfinite(values), ~kind_ok])                       # [terms + kinds]
+        new = flags.any() & (self.first_step == self.NONE)
+        self.first_step = torch.where(new, step + 1, self.first_step)  # as logs and checkpoints count
+        self.first_flags = torch.where(new, flags, self.first_flags)
+        self.first_values = torch.where(new, values, self.first_values)
+        self.sums += values
+        self.count += 1
+
+    def take_averages(self, dist: Dist) -> dict[str, float]:
+        """Mean of each loss term over the iterations since the last call, over all ranks (one read)."""
+        if not self.count:
+            return {}
+        sums = self.sums.clone()
+        if dist.enabled:
+            torch_dist.all_reduce(sums, op=torch_dist.ReduceOp.SUM)
+        means = (sums / (self.count * dist.world_size)).tolist()
+        self.sums.zero_()
+        self.count = 0
+        return dict(zip(self.names, means))
+
+    def check(self, parts: Parts, dist: Dist) -> str | None:
+        """None while everything was finite on every rank; else what went non-finite first, and where."""
+        if self.names is None:
+            return None
+        first = self.first_step.clone()
+        if dist.enabled:  # the earliest bad step of any rank, then the flags and values of the ranks at it
+            torch_dist.all_reduce(first, op=torch_dist.ReduceOp.MIN)
+        mine = self.first_step == first
+        report = torch.cat([torch.where(mine, self.first_flags.double(), 0.0),
+                            torch.where(mine, self.first_values, 0.0), mine.double()[None]])
+        if dist.enabled:
+            torch_dist.all_reduce(report, op=torch_dist.ReduceOp.SUM)
+        step = int(first)
+        if step == self.NONE:
+            return None
+        report = report.tolist()
+        n = len(self.names)
+        flags, values, ranks = report[:n + len(self.KINDS)], report[n + len(self.KINDS):-1], report[-1]
+        values = [v / ranks for v in values]
+        bad_terms = [name for name, flag in zip(self.names, flags) if flag]
+        bad_kinds = [kind for kind, flag in zip(self.KINDS, flags[n:]) if flag]
+        loss = " ".join(f"{name}={value:.6g}" for name, value in zip(self.names, values))
+        what = (["loss"] if bad_terms else []) + bad_kinds
+        message = f"non-finite {what[0]} at step {step}"
+        if bad_terms:
+            message += f": {loss}"
+        else:
+            message += f" from a finite loss ({loss})"
+        if len(what) > 1:
+            message += f"; also non-finite: {', '.join(what[1:])}"
+        now = non_finite_names(parts)
+        if now:
+            message += f"; now non-finite: {', '.join(now[:3])}" + (f" and {len(now) - 3} more" if len(now) > 3 else "")
+        return message
+
+
+def watched_tensors(parts: Parts) -> dict[str, list[torch.Tensor]]:
+    """The floating-point tensors FiniteGuard watches, per kind (lists rebuilt each step: gradients
+    are new tensors after zero_grad(set_to_none=True), momentum buffers appear at the first step)."""
+    params = list(parts.model_without_ddp.parameters())
+    if parts.projection is not None:
+        params += list(parts.projection.parameters())
+    optimizers = [o for o in (parts.optimizer, parts.projection_optimizer) if o is not None]
+    return {
+        "gradients": [p.grad.detach() for p in params if p.grad is not None],
+        "parameters": [p.detach() for p in params],
+        "BatchNorm statistics": [b for b in parts.model_without_ddp.buffers() if b.is_floating_point()],
+        "optimizer state": [v for o in optimizers for state in o.state.values() for v in state.values()
+                            if isinstance(v, torch.Tensor) and v.is_floating_point()],
+    }
+
+
+def non_finite_names(parts: Parts) -> list[str]:
+    """Names of the saved tensors (parameters, BatchNorm statistics, momentum) that are not finite
+    now; read on the host, once, when training stops."""
+    named = [(f"model.{k}", v) for k, v in parts.model_without_ddp.state_dict().items()]
+    if parts.projection is not None:
+        named += [(f"projection.{k}", v) for k, v in parts.projection.state_dict().items()]
+    names = {id(p): n for n, p in parts.model_without_ddp.named_parameters()}
+    if parts.projection is not None:
+        names.update({id(p): f"projection.{n}" for n, p in parts.projection.named_parameters()})
+    for index, o in enumerate(o for o in (parts.optimizer, parts.projection_optimizer) if o is not None):
+        named += [(f"{'optimizer' if index == 0 else 'projection optimizer'} momentum of "
+                   f"{names[id(p)]}", v)
+                  for p, state in o.state.items() for v in state.values() if isinstance(v, torch.Tensor)]
+    return [name for name, v in named if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def discriminator_step(parts: Parts, logits: torch.Tensor, small: torch.Tensor, amp: torch.autocast,
                        dist: Dist) -> torch.Tensor:
     """GAN, alternating step 1 (Eq. 6): D learns to tell the current detached predictions from GT."""
     with amp:
-        loss = parts.projection.discriminator_loss(logits.detach(), small)
+        loss = parts.disc_loss(logits.detach(), small)
     parts.projection_optimizer.zero_grad(set_to_none=True)
     loss.backward()
     average_gradients(list(parts.projection.parameters()), dist)
-    # A NaN here stops training in check_finite; the corrupted in-memory D is never written.
+    # A NaN here is caught by FiniteGuard (loss term "disc", gradients, parameters); a corrupted
+    # D is never written.
     parts.projection_optimizer.step()
     return loss.detach()
 
 
 def train_step(parts: Parts, images: torch.Tensor, labels: torch.Tensor, step: int,
-               args: argparse.Namespace, dist: Dist = Dist()) -> dict[str, float]:
-    """One iteration at `step` (0-based): set LRs, forward, check, backward, optimizer steps.
+               args: argparse.Namespace, dist: Dist = Dist(),
+               guard: FiniteGuard | None = None) -> dict[str, torch.Tensor]:
+    """One iteration at `step` (0-based): set LRs, forward, loss terms, backward, optimizer steps.
 
-    images [B, 3, H, W] normalised; labels [B, H, W] full-resolution crop labels. Returns the
-    rank-averaged loss terms: `ce`, the projection's raw (unweighted) value under its --loss
-    name, `total` (what the network minimises) and, for the GAN, `disc`.
+    images [B, 3, H, W] normalised; labels [B, H, W] full-resolution crop labels. Returns this
+    rank's loss terms as detached 0-d tensors on the device (never read back here, so a GPU
+    queue keeps running): `ce`, the projection's raw (unweighted) value under its --loss name,
+    `total` (what the network minimises) and, for the GAN, `disc`. `guard` (FiniteGuard)
+    records what became non-finite; train.py reads it at log intervals and before saving.
     """
     lr = poly_lr(args.lr, step, args.iters)
     set_lr(parts.optimizer, lr)
@@ -482,38 +838,38 @@ def train_step(parts: Parts, images: torch.Tensor, labels: torch.Tensor, step: i
     weight = args.loss_lambda * (affinity_decay(step, args.iters) if args.decay else 1.0)
     amp = torch.autocast(device_type=images.device.type, dtype=torch.bfloat16,
                          enabled=args.amp and images.device.type == "cuda")
-    proj = parts.projection
+    # 1. Forward and loss terms.
     with amp:
         if args.loss == "embedding":
-            logits, features = parts.model(images, return_features=True)  # [B, C, h, w], [B, F, h, w]
+            logits, features = parts.forward(images, return_features=True)  # [B, C, h, w], [B, F, h, w]
         else:
-            logits = parts.model(images)                                   # [B, C, h, w] at stride 8
+            logits, features = parts.forward(images), None                  # [B, C, h, w] at stride 8
         # Downsample once (nearest pick of pixel (8i, 8j), SPEC 1); every loss gets this [B, h, w] map.
         small = losses.downsample_labels(labels, logits.shape[-2:])
-        terms = {"ce": losses.unary_loss(logits, small)}                   # Eq. (1)
-    if args.loss == "gan":
-        terms["disc"] = discriminator_step(parts, logits, small, amp, dist)
+    # GAN, alternating step 1 first: D updates on the detached predictions, then the network
+    # is scored by the updated D (Eq. 6).
+    disc = discriminator_step(parts, logits, small, amp, dist) if args.loss == "gan" else None
     with amp:
-        if args.loss == "gan":
-            # Alternating step 2 (Eq. 5): the network fools the updated D (no gradient into D).
-            terms["gan"] = proj.generator_loss(logits, small)
-        elif args.loss == "embedding":
-            terms["embedding"] = proj(features, small)
-        elif proj is not None:
-            terms[args.loss] = proj(logits, small)
-    total = terms["ce"] + weight * terms[args.loss] if proj is not None else terms["ce"]
+        terms = parts.loss_terms(logits, small, features)
+    total = terms["ce"] + weight * terms[args.loss] if args.loss != "ce" else terms["ce"]
+    if disc is not None:
+        terms = {"ce": terms["ce"], "disc": disc, "gan": terms["gan"]}
     terms["total"] = total
-    values = check_finite(terms, step, dist)
 
+    # 2. One backward pass: network gradients (minimised) and, for AAF, the weights' (maximised).
     parts.optimizer.zero_grad(set_to_none=True)
     if args.loss == "aaf":
         parts.projection_optimizer.zero_grad(set_to_none=True)
-    # One backward pass: network gradients (minimised) and, for AAF, the weights' (maximised).
     total.backward()
+
+    # 3. Optimizer steps.
     parts.optimizer.step()
     if args.loss == "aaf":
-        average_gradients(list(proj.parameters()), dist)
+        average_gradients(list(parts.projection.parameters()), dist)
         parts.projection_optimizer.step()  # maximize=True: ascent on the same loss (Eq. 9)
+    values = {k: v.detach() for k, v in terms.items()}
+    if guard is not None:
+        guard.record(step, values, parts)
     return values
 
 
@@ -564,8 +920,9 @@ def checkpoint(parts: Parts, args: argparse.Namespace, info: data.DatasetInfo, s
 def check_resume_args(args: argparse.Namespace, ckpt: dict, world_size: int, is_main: bool = True) -> None:
     """A resumed run must follow the same trajectory: refuse changed settings up front."""
     saved = ckpt.get("args", {})
-    changed = [f"{name}: {getattr(args, name)!r} now, {saved.get(name)!r} in the checkpoint"
-               for name in TRAJECTORY_ARGS if saved.get(name) != getattr(args, name)]
+    # A setting missing from the checkpoint predates it (e.g. amp, added later): nothing to compare.
+    changed = [f"{flag_name(name)}: {getattr(args, name)!r} now, {saved[name]!r} in the checkpoint"
+               for name in TRAJECTORY_ARGS if name in saved and saved[name] != getattr(args, name)]
     if changed:
         raise SystemExit(f"train.py: --resume {args.resume} was written with other settings; pass the "
                          "original run's flags (" + "; ".join(changed) + ")")
@@ -589,12 +946,91 @@ def restore(parts: Parts, ckpt: dict, args: argparse.Namespace, device: torch.de
 
 
 def load_for_training(path: str, info: data.DatasetInfo) -> dict:
-    """A checkpoint's dict, with load_checkpoint's one-line errors (missing, corrupt, classes)."""
-    try:
-        _, ckpt = model_lib.load_checkpoint(path, num_classes=info.num_classes)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"train.py: {err}") from None
+    """A checkpoint's dict; load_checkpoint's one-line errors (missing, corrupt, classes) are
+    model.WeightsError, which main() turns into one line."""
+    _, ckpt = model_lib.load_checkpoint(path, num_classes=info.num_classes)
     return ckpt
+
+
+# ----------------------------------------------------------------------------- run folder
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step a checkpoint file was written at; None if it cannot be read (memory-mapped: cheap)."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+    except Exception:  # unreadable, truncated or foreign: the caller words it
+        return None
+
+
+def describe_run(out: Path) -> str | None:
+    """What `out` holds that a fresh start would destroy, e.g. "last.pt at step 180, log.jsonl
+    with 9 records"; None when it holds none of last.pt, model.pt or a non-empty log.jsonl."""
+    found = []
+    for name in ("last.pt", "model.pt"):
+        path = out / name
+        if path.exists():
+            step = checkpoint_step(path)
+            found.append(f"{name} (unreadable)" if step is None else f"{name} at step {step}")
+    log = out / "log.jsonl"
+    if log.is_file() and log.stat().st_size > 0:
+        found.append(f"log.jsonl with {len(log.read_text().splitlines())} records")
+    return ", ".join(found) or None
+
+
+def continues_in_place(args: argparse.Namespace, out: Path) -> bool:
+    """--resume of the run whose folder is `out` (the default --out of --resume)."""
+    return args.resume is not None and Path(args.resume).resolve().parent == out.resolve()
+
+
+def check_run_folder(args: argparse.Namespace, out: Path) -> str | None:
+    """Refusal message when starting would overwrite another run's files (None: go ahead)."""
+    if continues_in_place(args, out) or args.overwrite:
+        return None
+    held = describe_run(out)
+    if held is None:
+        return None
+    if (out / "model.pt").exists():  # finished: nothing to continue
+        return (f"train.py: {out} already holds a finished run ({held}); choose another --out "
+                "(--overwrite starts afresh and deletes it)")
+    way = (f"continue it with --resume {out / 'last.pt'}, or choose another --out" if (out / "last.pt").exists()
+           else "it has no checkpoint to continue from; choose another --out")
+    return f"train.py: {out} already holds a run ({held}); {way} (--overwrite starts afresh and deletes it)"
+
+
+def prepare_run_folder(args: argparse.Namespace, out: Path, start: int, world_size: int) -> None:
+    """Rank 0, before the first iteration: leave the folder as this start's files describe it.
+
+    - temporary files of atomic writes that a kill -9 interrupted are removed;
+    - a new run (check_run_folder let it in: the folder held no run, or --overwrite): an old
+      run's checkpoints go and the log starts empty;
+    - resume in the run's folder: log.jsonl keeps its records up to the resumed step only (the
+      ones after it are redone), rewritten atomically, so after any number of kills each step is
+      logged once;
+    - args.json: the resolved settings of this start (rewritten on every start, atomically).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ATOMIC_FILES:
+        for tmp in out.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+    log_path = out / "log.jsonl"
+    kept = []
+    if not continues_in_place(args, out):
+        for name in ("last.pt", "model.pt"):
+            (out / name).unlink(missing_ok=True)
+    elif log_path.is_file():
+        for line in log_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by the kill: it and what follows are redone
+                break
+            if record.get("step", 0) > start or "eval" in record:
+                break
+            kept.append(line)
+    text = "".join(line + "\n" for line in kept)
+    model_lib.atomic_write(log_path, lambda f: f.write(text.encode()))
+    settings = {"args": vars(args), "start_step": start, "world_size": world_size, "torch": torch.__version__}
+    body = json.dumps(settings, indent=1) + "\n"
+    model_lib.atomic_write(out / "args.json", lambda f: f.write(body.encode()))
 
 
 # ----------------------------------------------------------------------------- logging
@@ -678,25 +1114,60 @@ def tensorboard_predictions(writer, net: nn.Module, val_set, info: data.DatasetI
 # ----------------------------------------------------------------------------- main
 
 def main(args: argparse.Namespace) -> dict:
-    """Train as `args` say; returns {"out", "step", "checkpoint", "miou"} (miou None without --eval)."""
+    """Train as `args` say; returns {"out", "step", "checkpoint", "miou"} (miou None without --eval).
+
+    Bad input ends in one line (SystemExit), from rank 0 alone when every rank meets it alike;
+    a lost peer or a SIGTERM gives one line per surviving rank. Anything else is a bug and
+    keeps its traceback.
+    """
     args, info = resolve_args(args)
     dist, device = setup_distributed(args.device)
+    out = Path(args.out)
+    every_rank = False  # True: each rank prints its own line (it met the failure on its own)
+    previous_handler = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         return train(args, info, dist, device)
-    except (data.DatasetError, FileNotFoundError, ValueError) as err:  # data root, weight file, bad state dict
+    except UnreadableSample as err:  # met by the one rank that loaded the sample
+        every_rank = True
+        message = f"train.py: {f'rank {dist.rank}: ' if dist.enabled else ''}{err}"
+    except (data.DatasetError, model_lib.WeightsError) as err:  # data root or file, weight file, checkpoint
         message = f"train.py: {err}"
-    except NonFiniteLoss as err:  # raised on every rank at the same step (check_finite reduces first)
-        last = Path(args.out) / "last.pt"
-        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-        message = f"train.py: {err}; stopping ({kept})"
+    except NonFiniteError as err:  # raised on every rank at the same check (FiniteGuard reduces first)
+        message = f"train.py: {err}"
+    except Terminated:
+        every_rank = True
+        message = (f"train.py: {f'rank {dist.rank}: ' if dist.enabled else ''}stopped by SIGTERM"
+                   + (" (torchrun stops the job when one of its processes fails)" if dist.enabled else "")
+                   + f"; {kept_checkpoint(out)}")
+    except RuntimeError as err:
+        if not is_lost_peer(err, dist):
+            raise
+        every_rank = True
+        message = (f"train.py: rank {dist.rank}: lost contact with another process of the job (it crashed "
+                   f"or was killed; see its own message); {kept_checkpoint(out)}")
     finally:
-        cleanup_distributed()
-    raise SystemExit(message if dist.is_main else 1)  # one message, not one per process
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the exit below must not be interrupted
+        try:
+            cleanup_distributed()
+        except RuntimeError:  # the process group may be broken already
+            pass
+        signal.signal(signal.SIGTERM, previous_handler)
+    raise SystemExit(message if dist.is_main or every_rank else 1)
+
+
+def kept_checkpoint(out: Path, resumable: bool = True) -> str:
+    """Where the run can be continued from, for the line a stopped run ends with."""
+    last = out / "last.pt"
+    if not last.exists():
+        return "no checkpoint was written yet"
+    step = checkpoint_step(last)
+    if step is None:
+        return f"{last} is unreadable"
+    hint = f"; continue with --resume {last}" if resumable else ""
+    return f"the last good checkpoint is {last} (step {step}{hint})"
 
 
 def train(args: argparse.Namespace, info: data.DatasetInfo, dist: Dist, device: torch.device) -> dict:
-    if args.workers is None:
-        args.workers = 4 if device.type == "cuda" else 0
     if args.amp and device.type != "cuda" and dist.is_main:
         print("train.py: --amp is bf16 autocast on GPU; running in float32 on CPU", file=sys.stderr)
     if args.batch_size % dist.world_size:
@@ -709,9 +1180,13 @@ def train(args: argparse.Namespace, info: data.DatasetInfo, dist: Dist, device: 
         raise SystemExit(f"train.py: PSPNet's BatchNorm needs at least 2 images per "
                          f"{'process' if dist.enabled else 'batch'} (--batch-size {args.batch_size} "
                          f"on {dist.world_size} {device.type} process(es))")
+    out = Path(args.out)
+    # Never destroy a run: rank 0 looks at the folder, every rank follows its verdict.
+    refusal = rank0_decides(check_run_folder(args, out) if dist.is_main else None, dist, device)
+    if refusal:
+        raise SystemExit(refusal if dist.is_main else 1)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed crop size: pick the fastest kernels once
-    out = Path(args.out)
     log_path = out / "log.jsonl"
     torch.manual_seed(args.seed)  # identical initialisation on every rank
     np.random.seed(args.seed)
@@ -725,45 +1200,60 @@ def train(args: argparse.Namespace, info: data.DatasetInfo, dist: Dist, device: 
     if resume is not None:
         check_resume_args(args, resume, dist.world_size, dist.is_main)
     init = load_for_training(args.init, info) if args.init else None
-    parts = build_parts(args, info, device, dist, init=init)
+    try:
+        parts = build_parts(args, info, device, dist, init=init)
+    except model_lib.ImageNetWeightsMissing as err:  # worded for this script's flag
+        raise SystemExit(f"train.py: {err.remedy('--pretrained <file>, or --pretrained none')}") from None
     start = restore(parts, resume, args, device) if resume is not None else 0
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if resume is None:
-            log_path.write_text("")  # a fresh run starts a fresh log; a resumed one appends
+        prepare_run_folder(args, out, start, dist.world_size)
         print(f"train.py: {args.dataset} ({len(train_set)} {args.train_split} images), {args.arch}-"
               f"{args.backbone}, loss {args.loss} (lambda {args.loss_lambda}, decay {args.decay}), "
               f"{args.iters} iterations of {args.batch_size} crops {args.crop_size}px on "
-              f"{dist.world_size} x {device}, from step {start} -> {out}", flush=True)
+              f"{dist.world_size} x {device}, {args.workers} loader workers"
+              f"{', compiled' if args.compile else ''}, from step {start} -> {out}", flush=True)
     writer = open_tensorboard(out, start) if args.tensorboard and dist.is_main else None  # beside log.jsonl
 
     parts.model.train()
     batches = training_batches(train_set, args, dist, start, pin_memory=device.type == "cuda")
     end = args.iters if args.stop_after is None else min(args.iters, args.stop_after)
-    sums: dict[str, float] = {}
+    kill_rank, kill_step = (int(v) for v in args.kill_at.split(":")) if args.kill_at else (-1, -1)
+    guard = FiniteGuard(device)
+
+    def stop_if_not_finite() -> None:
+        """The check point of FiniteGuard: every rank calls it at the same iterations."""
+        problem = guard.check(parts, dist)
+        if problem is not None:
+            raise NonFiniteError(f"{problem}; stopping, nothing non-finite was saved ({kept_checkpoint(out, resumable=False)})")
+
     tic, tic_step = time.perf_counter(), start
     for step in range(start, end):
+        if dist.rank == kill_rank and step == kill_step:
+            os.kill(os.getpid(), signal.SIGKILL)
         images, labels = batch_to_device(next(batches), device)
-        values = train_step(parts, images, labels, step, args, dist)
-        for k, v in values.items():
-            sums[k] = sums.get(k, 0.0) + v
+        train_step(parts, images, labels, step, args, dist, guard)
         done = step + 1
-        if dist.is_main and (done % args.log_every == 0 or done == end):
-            elapsed = time.perf_counter() - tic
-            record = {"step": done, "iters": args.iters,
-                      "loss": {k: v / (done - tic_step) for k, v in sums.items()},
-                      "lr": poly_lr(args.lr, step, args.iters),
-                      "images_per_s": (done - tic_step) * args.batch_size / elapsed,
-                      "eta_s": elapsed / (done - tic_step) * (args.iters - done)}
-            if args.loss == "aaf":
-                record["kernel_sizes"] = kernel_sizes_per_class(parts, info)
-            log_progress(record, log_path, info)
-            tensorboard_record(writer, record, info)
-            sums, tic, tic_step = {}, time.perf_counter(), done
-        if dist.is_main and done % args.save_every == 0 and done < args.iters:
-            model_lib.save_checkpoint(checkpoint(parts, args, info, done, device, dist.world_size), out / "last.pt")
+        if done % args.log_every == 0 or done == end:
+            stop_if_not_finite()  # reads the device flags: the one synchronisation per log interval
+            averages = guard.take_averages(dist)
+            if dist.is_main:
+                elapsed = time.perf_counter() - tic
+                record = {"step": done, "iters": args.iters, "loss": averages,
+                          "lr": poly_lr(args.lr, step, args.iters),
+                          "images_per_s": (done - tic_step) * args.batch_size / elapsed,
+                          "eta_s": elapsed / (done - tic_step) * (args.iters - done)}
+                if args.loss == "aaf":
+                    record["kernel_sizes"] = kernel_sizes_per_class(parts, info)
+                log_progress(record, log_path, info)
+                tensorboard_record(writer, record, info)
+            tic, tic_step = time.perf_counter(), done
+        if done % args.save_every == 0 and done < args.iters:
+            stop_if_not_finite()
+            if dist.is_main:
+                model_lib.save_checkpoint(checkpoint(parts, args, info, done, device, dist.world_size),
+                                          out / "last.pt")
 
-    batches.close()  # ends the current loader and its worker processes
+    batches.close()  # ends the loader and its worker processes; the last iteration was checked (logged)
     if args.dump_rank_state:
         dump_rank_state(parts, out, dist)
     if end < args.iters:  # --stop-after: leave the folder as a kill would
@@ -771,10 +1261,8 @@ def train(args: argparse.Namespace, info: data.DatasetInfo, dist: Dist, device: 
             writer.close()
         return {"out": str(out), "step": end, "checkpoint": None, "miou": None}
     final = out / "model.pt"
-    if dist.is_main:
+    if dist.is_main:  # the last log line above already showed the AAF field sizes
         model_lib.save_checkpoint(checkpoint(parts, args, info, end, device, dist.world_size), final)
-        if args.loss == "aaf":
-            print(format_kernel_sizes(kernel_sizes_per_class(parts, info), info), flush=True)
     # Evaluation runs on rank 0 alone after the group is gone, so no collective can time out.
     cleanup_distributed()
     miou = evaluate_after_training(parts.model_without_ddp, args, info, device, log_path, writer) \
