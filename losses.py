@@ -69,28 +69,29 @@ def downsample_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tens
     return out
 
 
-def _labels_at(labels: torch.Tensor, logits: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Labels at the logits' resolution, int64, every ignored pixel set to C (a "void" slot).
+def _labels_at(labels: torch.Tensor, logits: torch.Tensor, ignore_index: int,
+               dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Labels at the logits' resolution, int64 (or ``dtype``), every ignored pixel set to C (a "void" slot).
 
     Ignored = ``ignore_index``, or anything outside [0, C). Using C as the void value lets
     per-class sums index a [C + 1] buffer and drop the last entry.
     """
-    return _void_marked(downsample_labels(labels, logits.shape[-2:]).long(), logits.shape[1], ignore_index)
+    return _void_marked(downsample_labels(labels, logits.shape[-2:]), logits.shape[1], ignore_index, dtype)
 
 
-def _void_marked(lab: torch.Tensor, C: int, ignore_index: int) -> torch.Tensor:
-    """Every label outside [0, C), and ``ignore_index``, set to C."""
-    lab = lab.clamp(max=C)                                        # >= C -> C
+def _void_marked(lab: torch.Tensor, C: int, ignore_index: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Every label outside [0, C), and ``ignore_index``, set to C; then (values in [0, C]) ``dtype``."""
+    lab = lab.long().clamp(max=C)                                 # >= C -> C
     lab = lab.masked_fill(lab < 0, C)
     if 0 <= ignore_index < C:                                     # else already void
         lab = lab.masked_fill(lab == ignore_index, C)
-    return lab
+    return lab.to(dtype)
 
 
 def _labels_at_size(labels: torch.Tensor, size: tuple[int, int], num_classes: int,
                     ignore_index: int) -> torch.Tensor:
     """``_labels_at`` for a given logits size ``(h, w)`` (the ``counts`` methods: no logits yet)."""
-    return _void_marked(downsample_labels(labels, tuple(size)).long(), num_classes, ignore_index)
+    return _void_marked(downsample_labels(labels, tuple(size)), num_classes, ignore_index, _PAIR_INDEX)
 
 
 def _float32_region(t: torch.Tensor):
@@ -121,7 +122,7 @@ def valid_count(labels: torch.Tensor, num_classes: int, ignore_index: int = 255,
     and pass it as ``count`` to every micro-batch's ``unary_loss``.
     """
     lab = labels if size is None else downsample_labels(labels, tuple(size))
-    return _n_valid(_void_marked(lab.long(), num_classes, ignore_index), num_classes)
+    return _n_valid(_void_marked(lab, num_classes, ignore_index), num_classes)
 
 
 def unary_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255, *,
@@ -196,6 +197,10 @@ def _pair_regions(h: int, w: int, dy: int, dx: int):
 # [B, C, h, w], has the size of the probabilities).
 
 
+# The labels and bins of the pair tensors: int32 (values in [0, 2 K (C + 1)]), half the memory.
+_PAIR_INDEX = torch.int32
+
+
 def _shape_cache(fn):
     """functools.lru_cache for eager calls; under torch.compile the function is traced instead
     (its tensors become constants of the graph)."""
@@ -213,11 +218,12 @@ class _Stencil(NamedTuple):
     that every operation on them runs over long contiguous rows."""
     pad: int                    # S = the largest s: the maps are padded by S pixels
     pix: torch.Tensor           # [2, B, h, w, N]  flat index of (x, y = x + d_n) in the padded map
+    pix_row: torch.Tensor       # [2, 1, B, h, w, N] the same times C + 1 (see _Pairs.cell)
     size_bin: torch.Tensor      # [N]              k (C + 1) for offset n (offsets size-major)
     centre_bin: torch.Tensor    # [K, 1, 1, 1]     K (C + 1) + k (C + 1): the non-edge bins
     count_matrix: torch.Tensor  # [2, 2, 1]        (edge pairs, valid pairs) -> (edge, non-edge) elements
     classes: torch.Tensor       # [1, C, 1, 1]     0 .. C-1
-    dump: torch.Tensor          # []               2 K (C + 1): the bin of pairs that do not count
+    dump: torch.Tensor          # []               C (edge type, size 0, void class): pairs that do not count
     first: torch.Tensor         # [1, 2, 1, 1, 1, 1] (True, False) over the channel axis
 
 
@@ -236,9 +242,12 @@ def _stencil(B: int, h: int, w: int, sizes: tuple[int, ...], C: int, device: tor
     # A valid pair with labels a != b gives 2 directions x 2 edge channels = 4 edge elements;
     # every valid pair gives 2 x C elements, so 2 C n_pairs - 4 n_edges non-edge elements.
     count_matrix = torch.tensor([[4, 0], [-4, 2 * C]]).view(2, 2, 1)
-    consts = (pix, size_bin, centre_bin, count_matrix, torch.arange(C).view(1, -1, 1, 1),
-              torch.tensor(2 * len(sizes) * (C + 1)), torch.tensor([True, False]).view(1, 2, 1, 1, 1, 1))
-    return _Stencil(S, *(t.to(device) for t in consts))
+    # Label-valued constants in the labels' dtype (_PAIR_INDEX); the pixel indices stay int64
+    # (index_select / index_add_ are much slower with int32 indices on a CPU).
+    small = (size_bin, centre_bin, count_matrix, torch.arange(C).view(1, -1, 1, 1))
+    return _Stencil(S, pix.to(device), (pix[:, None] * (C + 1)).to(device),
+                    *(t.to(device, _PAIR_INDEX) for t in small),
+                    torch.tensor(C).to(device), torch.tensor([True, False]).view(1, 2, 1, 1, 1, 1).to(device))
 
 
 class _Pairs(NamedTuple):
@@ -248,7 +257,7 @@ class _Pairs(NamedTuple):
     pair_bin: torch.Tensor    # [2 i, 2 c, B, h, w, N] bin of the directed element with centre i in
     #                           channel c: t K (C+1) + k (C+1) + class of i, t = 0 (edge) for an edge
     #                           pair, t = 1 (non-edge) for the one channel of a valid pair with equal
-    #                           labels, the dump bin 2 K (C+1) otherwise
+    #                           labels, the dump bin C (a void bin) otherwise
     is_edge: torch.Tensor     # [B, h, w, N]         valid pair with different labels
     centre_bin: torch.Tensor  # [K, B, h, w]         non-edge bin of centre x per size (class C if void)
     other: torch.Tensor       # [B, C, h, w]         valid and c is not the pixel's label (bool)
@@ -274,7 +283,7 @@ def _pairs(lab: torch.Tensor, sizes: tuple[int, ...], C: int) -> _Pairs:
     counts = (st.count_matrix * n[None]).sum(1)                        # [2, K]
     other = (lab[:, None] != st.classes) & (lab < C)[:, None]          # [B, C, h, w]
     # Column of (pixel i, channel c) in the table [4, B Hp Wp (C+1)]; void labels read channel C.
-    cell = st.pix[:, None] * (C + 1) + cls[None]                       # [2, 2, B, h, w, N]
+    cell = st.pix_row + cls[None]                                      # [2, 2, B, h, w, N]
     return _Pairs(cell, pair_bin, is_edge, centre_bin, other, counts)
 
 
@@ -323,10 +332,10 @@ def _eq7(prob: torch.Tensor, pairs: _Pairs, sizes: tuple[int, ...], margin: floa
     other = pairs.other[:, None]                                       # [B, 1, C, h, w]
     # (i) non-edge elements in the channels that are neither pixel's label. Neighbour side:
     # other * (h, u_p, u_np); centre side: other * (1, -v_p, -v_np).
-    x = other * torch.cat([(u * v).sum(1, keepdim=True), u], 1)        # [B, 3, C, h, w]
+    x = torch.cat([(u * v).sum(1, keepdim=True), u], 1).mul_(other)    # [B, 3, C, h, w]
     ring = _ring_sums(x.flatten(1, 2), sizes).view(K, B, 3, C, h, w)
     del x
-    centre = other * torch.cat([_one(v).expand(B, 1, C, h, w), -v], 1)   # [B, 3, C, h, w]
+    centre = torch.cat([_one(v).expand(B, 1, C, h, w), -v], 1).mul_(other)   # [B, 3, C, h, w]
     nonedge = (ring * centre).sum((2, 3))                              # [K, B, h, w] per centre
     # (ii) the channels of the pair's labels a and b: (pc, npc, lp, lnp) of (x, y) in channels
     # (a, b), read from a table padded by S pixels (outside the image) and by one zero channel
@@ -342,23 +351,23 @@ def _eq7(prob: torch.Tensor, pairs: _Pairs, sizes: tuple[int, ...], margin: floa
     # KL(P(x) || P(y)) = -<u(x), d> for i = y. An edge element if a != b, else (channel a = b) a
     # non-edge one.
     kl = torch.stack([s[1], -s[0]])                                    # [2 i, 2 c, B, h, w, N]
-    sums = prob.new_zeros(2 * K * (C + 1) + 1)                         # + the dump bin
+    sums = prob.new_zeros(2 * K * (C + 1))
     sums.index_add_(0, pairs.pair_bin.flatten(),
                     torch.where(pairs.is_edge, (margin - kl).clamp(min=0), kl).flatten())
     sums.index_add_(0, pairs.centre_bin.flatten(), nonedge.flatten())
-    sums = sums[:-1].view(2, K, C + 1)
+    sums = sums.view(2, K, C + 1)
     if coef is None:
         return sums, None
 
     # ---- the gradient of L = sum(coef * sums), in reverse order --------------------------------
-    g = F.pad(F.pad(coef, (0, 1)).flatten(), (0, 1))                   # [2 K (C+1) + 1], void/dump 0
+    g = F.pad(coef, (0, 1)).flatten()                                  # [2 K (C+1)], void bins 0
     # (i): nonedge = sum ring * centre
     g_ne = g[pairs.centre_bin][:, :, None, None]                       # [K, B, 1, 1, h, w]
-    d_v = other * (g_ne * ring[:, :, 1:]).sum(0)                       # -dL/dv through centre
+    d_v = (g_ne * ring[:, :, 1:]).sum(0).mul_(other)                   # -dL/dv through centre
     del ring
     d_x = _ring_sums_adjoint((g_ne * centre).flatten(2, 3), sizes)
     del centre
-    d_hu = other * d_x.view(B, 3, C, h, w)                             # dL/d(h, u_p, u_np)
+    d_hu = d_x.view(B, 3, C, h, w).mul_(other)                         # dL/d(h, u_p, u_np)
     del d_x
     d_u = torch.addcmul(d_hu[:, 1:], d_hu[:, :1], v)                   # dL/du  (h = sum u v)
     d_v = torch.addcmul(d_v, d_hu[:, :1], u, value=-1)                 # -dL/dv
@@ -369,8 +378,12 @@ def _eq7(prob: torch.Tensor, pairs: _Pairs, sizes: tuple[int, ...], margin: floa
     n_kl = torch.where(pairs.is_edge, gk * (kl < margin), -gk)
     del kl, gk
     n_s = torch.stack([-n_kl[1], n_kl[0]])                             # [2 i, 2 c, ...]
-    n_d = (n_s * z[:2]).sum(1)                                         # [2, 2 c, ...]
-    d_z = torch.cat([n_s * d[:, None], torch.stack([-n_d, n_d], 1)])   # [4, 2 i, 2 c, ...]
+    n_d = (n_s * z[:2]).sum(1)                                         # [2, 2 c, ...] through d
+    # -dL/dz, written over z (no longer needed): u(i) through s, v(y) and v(x) through d.
+    d_z = z
+    torch.mul(n_s, d[:, None], out=d_z[:2])
+    torch.neg(n_d, out=d_z[2:, 0])
+    d_z[2:, 1].copy_(n_d)
     del z, d, n_s, n_d, n_kl
     d_table = prob.new_zeros(table_shape)
     d_table.view(4, -1).index_add_(1, cell, d_z.view(4, -1))           # pairs share pixels: add
@@ -503,7 +516,7 @@ class AffinityFieldLoss(nn.Module):
         _check_classes(logits, self.num_classes)
         with _float32_region(logits):
             logits = _as_float(logits)
-            lab = _labels_at(labels, logits, self.ignore_index)
+            lab = _labels_at(labels, logits, self.ignore_index, _PAIR_INDEX)
             pairs = _pairs(lab, self.kernel_sizes, self.num_classes)
             lam = self._lambdas.to(logits.dtype)                             # [2, 1]
             coef = lam / (pairs.counts if counts is None else counts).clamp(min=1)   # [2, K]
@@ -555,7 +568,7 @@ class AdaptiveAffinityFieldLoss(nn.Module):
         _check_classes(logits, self.num_classes)
         with _float32_region(logits):
             logits = _as_float(logits)
-            lab = _labels_at(labels, logits, self.ignore_index)
+            lab = _labels_at(labels, logits, self.ignore_index, _PAIR_INDEX)
             pairs = _pairs(lab, self.kernel_sizes, self.num_classes)
             w_edge, w_nonedge = self.weights()                                   # [C, K]
             # Eq. (10): the weight of the centre's class, over each size's element count.
