@@ -172,6 +172,8 @@ def bench_losses(args: argparse.Namespace) -> None:
     import subprocess
     import sys
     import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.case:                                              # child process: one measurement
         name, method, mode, path = args.case.split("|")
         print(json.dumps(_loss_case(method, LOSS_CASES[name], args.device, args.repeats, mode, path)))
@@ -183,8 +185,8 @@ def bench_losses(args: argparse.Namespace) -> None:
         # A fixed mmap threshold makes glibc map every block over 64 KiB on its own (slow, so
         # only for the memory run); see _peak_memory.
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536") if mode == "memory" else None
-        out = subprocess.run([sys.executable, __file__, "losses", "--device", args.device,
-                              "--repeats", str(args.repeats), "--case", f"{name}|{method}|{mode}|{path}"],
+        out = subprocess.run([sys.executable, __file__, "losses", "--device", args.device, "--threads",
+                              str(args.threads), "--repeats", str(args.repeats), "--case", f"{name}|{method}|{mode}|{path}"],
                              capture_output=True, text=True, env=env)
         if out.returncode != 0:
             raise SystemExit(f"bench.py losses: {method} ({name}) failed: {out.stderr.strip().splitlines()[-1]}")
@@ -417,6 +419,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--before", default="",
                         help="losses: also measure the losses of this other copy of losses.py, e.g. "
                              "`git show REV:losses.py > /tmp/losses_before.py` (default: none)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="losses: torch CPU threads (default 0 = torch's default; 1 is steadier on a "
+                             "shared machine)")
     parser.add_argument("--case", default="", help=argparse.SUPPRESS)   # internal: one losses case
     return parser
 

@@ -14,11 +14,9 @@ Every loss takes ``logits [B, C, h, w]`` at output stride 8 and integer ``labels
 as the official code trains at stride 8 without upsampling the logits (paper Sec. 4). Label 255
 and any label outside [0, C) is ignored. Half-precision logits are computed in float32.
 
-Gradient accumulation: a mean may divide by the whole optimizer batch's denominator (``count=`` /
-``counts=``, from ``valid_count`` / ``loss.counts(labels, size)`` summed over its micro-batches with +);
-the micro-batch losses then sum to the full-batch loss. The GAN's per-patch means need nothing.
-
-Under torch.autocast the losses still run in float32 (autocast is switched off inside them).
+Gradient accumulation: ``count=`` / ``counts=`` (``valid_count`` / ``loss.counts(labels, size)`` added over
+the micro-batches) divide each micro-batch's mean by the whole batch's, so the micro-batch losses add up exactly.
+Under torch.autocast the losses still compute in float32 (autocast is switched off inside them).
 
 Training schedule (not in this file): the official code multiplies the whole affinity/AAF term
 by 10^(-t/T) (t the step, T the total steps); that decay lives in train.py.
@@ -382,8 +380,7 @@ def _eq7(prob: torch.Tensor, pairs: _Pairs, sizes: tuple[int, ...], margin: floa
     # -dL/dz, written over z (no longer needed): u(i) through s, v(y) and v(x) through d.
     d_z = z
     torch.mul(n_s, d[:, None], out=d_z[:2])
-    torch.neg(n_d, out=d_z[2:, 0])
-    d_z[2:, 1].copy_(n_d)
+    torch.mul(n_d[:, None], _minus_plus(d), out=d_z[2:])                # (v(x), v(y)): (-, +)
     del z, d, n_s, n_d, n_kl
     d_table = prob.new_zeros(table_shape)
     d_table.view(4, -1).index_add_(1, cell, d_z.view(4, -1))           # pairs share pixels: add
@@ -405,6 +402,16 @@ def _one_cached(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 def _one(t: torch.Tensor) -> torch.Tensor:
     """A 0-d one of t's dtype and device (cached: no operator call, no host-to-device copy)."""
     return _one_cached(t.dtype, t.device)
+
+
+@_shape_cache
+def _minus_plus_cached(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor([-1.0, 1.0], dtype=dtype, device=device).view(2, 1, 1, 1, 1, 1)
+
+
+def _minus_plus(t: torch.Tensor) -> torch.Tensor:
+    """(-1, 1) over the pixel axis of the pair tensors, in t's dtype and device (cached)."""
+    return _minus_plus_cached(t.dtype, t.device)
 
 
 class _AffinityFieldLossFn(torch.autograd.Function):
