@@ -1123,28 +1123,17 @@ def main(args: argparse.Namespace) -> dict:
     args, info = resolve_args(args)
     dist, device = setup_distributed(args.device)
     out = Path(args.out)
-    every_rank = False  # True: each rank prints its own line (it met the failure on its own)
     previous_handler = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         return train(args, info, dist, device)
-    except UnreadableSample as err:  # met by the one rank that loaded the sample
-        every_rank = True
-        message = f"train.py: {f'rank {dist.rank}: ' if dist.enabled else ''}{err}"
-    except (data.DatasetError, model_lib.WeightsError) as err:  # data root or file, weight file, checkpoint
-        message = f"train.py: {err}"
-    except NonFiniteError as err:  # raised on every rank at the same check (FiniteGuard reduces first)
-        message = f"train.py: {err}"
-    except Terminated:
-        every_rank = True
-        message = (f"train.py: {f'rank {dist.rank}: ' if dist.enabled else ''}stopped by SIGTERM"
-                   + (" (torchrun stops the job when one of its processes fails)" if dist.enabled else "")
-                   + f"; {kept_checkpoint(out)}")
-    except RuntimeError as err:
-        if not is_lost_peer(err, dist):
+    except BaseException as err:
+        # From here on a SIGTERM (torchrun stopping the job after another rank died) must not cut
+        # the report short: composing it reads last.pt, which takes a moment.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        failure = failure_line(err, dist, out)
+        if failure is None:  # a bug, or Ctrl-C: the traceback stays
             raise
-        every_rank = True
-        message = (f"train.py: rank {dist.rank}: lost contact with another process of the job (it crashed "
-                   f"or was killed; see its own message); {kept_checkpoint(out)}")
+        message, every_rank = failure
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the exit below must not be interrupted
         try:
@@ -1153,6 +1142,27 @@ def main(args: argparse.Namespace) -> dict:
             pass
         signal.signal(signal.SIGTERM, previous_handler)
     raise SystemExit(message if dist.is_main or every_rank else 1)
+
+
+def failure_line(err: BaseException, dist: Dist, out: Path) -> tuple[str, bool] | None:
+    """(the one line a failed run ends with, whether every rank prints its own) for the project's
+    own input errors, a non-finite stop, SIGTERM and a lost torchrun peer; None for anything else
+    (a bug keeps its traceback)."""
+    rank = f"rank {dist.rank}: " if dist.enabled else ""
+    if isinstance(err, UnreadableSample):  # met by the one rank that loaded the sample
+        return f"train.py: {rank}{err}", True
+    if isinstance(err, (data.DatasetError, model_lib.WeightsError)):  # data root or file, weights, checkpoint
+        return f"train.py: {err}", False
+    if isinstance(err, NonFiniteError):  # raised on every rank at the same check (FiniteGuard reduces first)
+        return f"train.py: {err}", False
+    if isinstance(err, Terminated):
+        return (f"train.py: {rank}stopped by SIGTERM"
+                + (" (torchrun stops the job when one of its processes fails)" if dist.enabled else "")
+                + f"; {kept_checkpoint(out)}"), True
+    if isinstance(err, RuntimeError) and is_lost_peer(err, dist):
+        return (f"train.py: rank {dist.rank}: lost contact with another process of the job (it crashed "
+                f"or was killed; see its own message); {kept_checkpoint(out)}"), True
+    return None
 
 
 def kept_checkpoint(out: Path, resumable: bool = True) -> str:
