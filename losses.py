@@ -40,7 +40,7 @@ KL_CLIP = 1e-4
 # --------------------------------------------------------------------------------------------
 # Labels
 # --------------------------------------------------------------------------------------------
-# The paper's networks give logits at output stride 8 (SPEC 1).
+# The paper's networks give logits at output stride 8 (docs/protocol.md §1).
 OUTPUT_STRIDE = 8
 
 

@@ -4,7 +4,7 @@ Paper section 4, "Implementation Details": AAF is evaluated on PSPNet and FCN, b
 ImageNet-pretrained ResNet-101, whose logits come out at 1/8 of the input resolution and are
 not upscaled for the losses. The embedding baseline of Table 2 puts its loss on "the last
 convolutional layer before the classifier", which `forward(x, return_features=True)` returns.
-SPEC.md section 5 lists what the authors' code builds; this file follows it:
+docs/protocol.md §5 lists what the authors' code builds; this file follows it:
 
 - backbone: a torchvision ResNet whose layer3 and layer4 keep their resolution and dilate all
   their 3x3 convolutions by 2 and 4 (every block of the stage, as the official code does,
@@ -15,9 +15,9 @@ SPEC.md section 5 lists what the authors' code builds; this file follows it:
   1x1 classifier with bias. No dropout and no auxiliary loss (official AAF code);
 - FCN: the same backbone with a 1x1 classifier.
 
-Also here, because every later stage needs them: the recipe's parameter split (SPEC 6:
+Also here, because every later stage needs them: the recipe's parameter split (docs/protocol.md §6:
 the head learns 10x faster, weight decay on conv weights only), ImageNet initialisation from
-torchvision's weight files, and atomic checkpoint save/load (STYLE 9).
+torchvision's weight files, and atomic checkpoint save/load.
 
 BatchNorm is trained, not frozen. On several GPUs train.py converts it with
 `torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)`; nothing here depends on the BN class.
@@ -288,7 +288,7 @@ class SegmentationModel(nn.Module):
         self.backbone = build_backbone(backbone_name)
         in_channels = self.backbone.out_channels
         if arch == "pspnet":
-            # in/4 channels per bin as PSPNet: 512 for ResNet-50/101 (SPEC 5), 128 for
+            # in/4 channels per bin as PSPNet: 512 for ResNet-50/101 (docs/protocol.md §5), 128 for
             # ResNet-18/34, 32 for tiny.
             self.head: nn.Module = PyramidPooling(in_channels, in_channels // len(PSP_BINS))
             feature_channels = self.head.out_channels
@@ -315,7 +315,7 @@ class SegmentationModel(nn.Module):
 
 def build_model(arch: str, num_classes: int, backbone: str = "resnet101",
                 pretrained: str | os.PathLike | None = None, verbose: bool = True) -> SegmentationModel:
-    """PSPNet or FCN on a dilated ResNet (SPEC 5); logits `[B, C, ceil(H/8), ceil(W/8)]`.
+    """PSPNet or FCN on a dilated ResNet (docs/protocol.md §5); logits `[B, C, ceil(H/8), ceil(W/8)]`.
 
     pretrained: None (random init), "imagenet" (torchvision's ImageNet file, read from the
     torch hub cache, never downloaded here), or a path to a torchvision ResNet state dict.
@@ -334,7 +334,7 @@ def build_model(arch: str, num_classes: int, backbone: str = "resnet101",
 
 
 # --------------------------------------------------------------------------------------------
-# Optimiser parameter groups (SPEC 6)
+# Optimiser parameter groups (docs/protocol.md §6)
 # --------------------------------------------------------------------------------------------
 def param_groups(model: nn.Module, weight_decay: float = 5e-4, head_lr_mult: float = 10.0) -> list[dict]:
     """SGD groups: backbone (lr_mult 1) vs head = PSP module + classifier (lr_mult head_lr_mult),
@@ -372,7 +372,7 @@ def param_groups(model: nn.Module, weight_decay: float = 5e-4, head_lr_mult: flo
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints (STYLE 9)
+# Checkpoints
 # --------------------------------------------------------------------------------------------
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Write a file through `write(f)` so that `path` is always either the old or the new file.

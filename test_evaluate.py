@@ -1,4 +1,4 @@
-"""Tests of evaluate.py: mIoU, instance-wise mIoU and the BSDS boundary metric (METRICS.md).
+"""Tests of evaluate.py: mIoU, instance-wise mIoU and the BSDS boundary metric (docs/metrics.md).
 
 Every expected number is either computed by hand in the test or by a literal reference written
 here (loops for seg2bdry, skimage.morphology.thin, scipy's min-weight full matching on an
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent
 # Literal references
 # --------------------------------------------------------------------------------------------
 def literal_seg2bdry(mask: np.ndarray) -> np.ndarray:
-    """METRICS 3.1 word for word, one pixel at a time."""
+    """docs/metrics.md §3.1 word for word, one pixel at a time."""
     height, width = mask.shape
     out = np.zeros((height, width), dtype=bool)
     for i in range(height):
@@ -224,7 +224,7 @@ def test_without_instance_maps_a_present_class_is_one_instance():
 
 
 # --------------------------------------------------------------------------------------------
-# 3. Boundary metric: the no-data tests of METRICS.md
+# 3. Boundary metric: the no-data tests of docs/metrics.md
 # --------------------------------------------------------------------------------------------
 def test_seg2bdry_equals_the_literal_rule():
     rng = np.random.default_rng(0)

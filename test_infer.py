@@ -1,4 +1,4 @@
-"""Tests of infer.py: sliding windows, logit upsampling, padding, scales and flip (SPEC 7).
+"""Tests of infer.py: sliding windows, logit upsampling, padding, scales and flip (docs/protocol.md §7).
 
 References are written out here (numpy loops and explicit interpolation weights), never taken
 from infer.py. CPU only, tiny models, tiny images.

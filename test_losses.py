@@ -1,7 +1,7 @@
 """Exactness tests for losses.py (issue "losses.py", section "Exactness").
 
-Every reference below is written from ../shared/SPEC.md sections 1-4 and the paper
-(../shared/paper, Eqs. 1, 4-10) as plain Python loops over batch, pixels, directions and
+Every reference below is written from docs/protocol.md §1-4 and the paper
+(Eqs. 1, 4-10) as plain Python loops over batch, pixels, directions and
 classes, with explicit clipping and explicit validity checks. Nothing is vectorised in a
 reference and nothing is imported from losses.py to build one.
 
@@ -36,7 +36,7 @@ def _one_thread():
 
 IGNORE = 255
 MARGIN = 3.0
-CLIP_LO, CLIP_HI = 1e-4, 1.0  # SPEC 2: p, q, 1-p, 1-q each clipped to [1e-4, 1]
+CLIP_LO, CLIP_HI = 1e-4, 1.0  # docs/protocol.md §2: p, q, 1-p, 1-q each clipped to [1e-4, 1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,7 +69,7 @@ def _hinge(x):
 
 
 def _valid(label: int, num_classes: int) -> bool:
-    """SPEC 1: 255 is ignored, and so is any label >= C."""
+    """docs/protocol.md §1: 255 is ignored, and so is any label >= C."""
     return label != IGNORE and 0 <= label < num_classes
 
 
@@ -83,7 +83,7 @@ def _shape4(z):
 
 
 def ref_pick_labels(labels: list, h: int, w: int) -> list:
-    """SPEC 1: output pixel (i, j) takes label pixel (s*i, s*j); identity at equal size."""
+    """docs/protocol.md §1: output pixel (i, j) takes label pixel (s*i, s*j); identity at equal size."""
     H, W = len(labels[0]), len(labels[0][0])
     if (H, W) == (h, w):
         return labels
@@ -111,13 +111,13 @@ def ref_softmax(z):
 
 
 def ref_stencil(k: int) -> list[tuple[int, int]]:
-    """SPEC 2: the 8 offsets (dy, dx) in {-s, 0, s}^2 minus (0, 0), s = (k - 1) / 2."""
+    """docs/protocol.md §2: the 8 offsets (dy, dx) in {-s, 0, s}^2 minus (0, 0), s = (k - 1) / 2."""
     s = (k - 1) // 2
     return [(dy, dx) for dy in (-s, 0, s) for dx in (-s, 0, s) if (dy, dx) != (0, 0)]
 
 
 # ---------------------------------------------------------------------------------------------
-# Reference: Eq. (7) (Affinity) and Eqs. (8)-(10) (AAF), SPEC sections 2 and 3
+# Reference: Eq. (7) (Affinity) and Eqs. (8)-(10) (AAF), docs/protocol.md §2, §3
 # ---------------------------------------------------------------------------------------------
 def ref_affinity(z, labels, kernel_sizes, margin=MARGIN, lambda_edge=1.0, lambda_nonedge=1.0,
                  w_edge=None, w_nonedge=None):
@@ -248,7 +248,7 @@ def assert_grad_close(got: torch.Tensor, expected: torch.Tensor, tol: float = 1e
     """max |g - g_ref| <= tol (absolute) and <= 10 tol * max |g_ref| (relative to the scale).
 
     float32 noise: 1 - p for p close to 1 loses digits (the complements come from the unclipped
-    p, SPEC 2), which gives errors ~1e-7 on gradients of size ~1e-2 at near-saturated pixels."""
+    p, docs/protocol.md §2), which gives errors ~1e-7 on gradients of size ~1e-2 at near-saturated pixels."""
     assert got is not None, f"{what}: no gradient reached the input"
     assert got.shape == expected.shape
     assert torch.isfinite(got).all(), f"{what}: non-finite gradient"
@@ -338,7 +338,7 @@ def test_affinity_matches_loop_reference(kernel_sizes):
 
 @pytest.mark.parametrize("s", [2, 8])
 def test_affinity_labels_at_higher_resolution(s):
-    """Labels [B, s*h, s*w] are reduced by the nearest pick (s*i, s*j) (SPEC 1). Catches pooling,
+    """Labels [B, s*h, s*w] are reduced by the nearest pick (s*i, s*j) (docs/protocol.md §1). Catches pooling,
     interpolation with another alignment (centre pick), or a transposed pick."""
     logits, labels = make_case(seed=3)
     big = upsample_labels_with_noise(labels, s, C_)
@@ -389,7 +389,7 @@ def test_affinity_clipping_at_saturation():
 
 def test_affinity_hand_example_edge_channels():
     """Two pixels, labels 0 and 1, C = 4: each ordered pair is an edge in channels 0 and 1 and a
-    non-edge in channels 2 and 3 (SPEC 2), so 4 edge and 4 non-edge elements. Written out by hand."""
+    non-edge in channels 2 and 3 (docs/protocol.md §2), so 4 edge and 4 non-edge elements. Written out by hand."""
     z = torch.tensor([[[[2.0, -1.0]], [[0.5, 1.5]], [[-1.0, 0.0]], [[0.0, 0.3]]]])  # [1, 4, 1, 2]
     labels = torch.tensor([[[0, 1]]])
     P = torch.softmax(z.double(), dim=1)[0, :, 0, :]  # [4, 2]
@@ -495,7 +495,7 @@ def test_edge_pair_below_margin_gets_pushed():
 
 
 # =============================================================================================
-# Empty sets (SPEC 2: an empty set contributes 0; the official code gives NaN)
+# Empty sets (docs/protocol.md §2: an empty set contributes 0; the official code gives NaN)
 # =============================================================================================
 def _assert_finite_grad(loss_fn, logits, labels):
     loss, grad = module_with_grad(loss_fn, logits, labels)
@@ -640,7 +640,7 @@ def _ref_aaf_weight_by_neighbour(z, labels, kernel_sizes, w_edge, w_nonedge):
 
 
 def test_aaf_at_init_is_mean_of_affinity_terms():
-    """Zero-initialised logits give w = 1/K, so AAF(init) = (1/K) sum_k Affinity_k (SPEC 3), checked
+    """Zero-initialised logits give w = 1/K, so AAF(init) = (1/K) sum_k Affinity_k (docs/protocol.md §3), checked
     against the loop reference and against AffinityFieldLoss(kernel_sizes=(k,))."""
     logits, labels = make_case(seed=12)
     sizes = (3, 5, 7)
@@ -747,7 +747,7 @@ def test_unary_loss_matches_loop_reference(s):
 
 
 def test_downsample_labels_nearest_pick():
-    """out[b, i, j] = labels[b, s*i, s*j] (SPEC 1), for s = 8 (training) and s = 2, on a
+    """out[b, i, j] = labels[b, s*i, s*j] (docs/protocol.md §1), for s = 8 (training) and s = 2, on a
     non-square map; the dtype is kept."""
     g = torch.Generator().manual_seed(21)
     for s, (h, w) in ((8, (3, 5)), (2, (4, 7)), (1, (4, 7))):
@@ -1040,7 +1040,7 @@ def test_embedding_labels_ge_num_classes_and_higher_resolution():
 
 
 # =============================================================================================
-# Half precision: computed in float32 (SPEC/CONTRACT: float32 scalars even for bf16/fp16 logits)
+# Half precision: computed in float32 (float32 scalars even for bf16/fp16 logits)
 # =============================================================================================
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_inputs_give_the_float32_result(dtype):

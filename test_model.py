@@ -1,4 +1,4 @@
-"""Tests for model.py (SPEC 5 networks, SPEC 6 parameter split, checkpoints). CPU only, no downloads.
+"""Tests for model.py (docs/protocol.md §5 networks, §6 parameter split, checkpoints). CPU only, no downloads.
 
 Reference numbers are derived by hand in the comments (output sizes, receptive fields,
 parameter counts), never read back from the code under test.
@@ -63,7 +63,7 @@ def test_logits_are_ceil_h_over_8_for_any_size(arch, backbone):
 
 @pytest.mark.parametrize("backbone", ["tiny", "resnet18"])
 def test_paper_crop_sizes(backbone):
-    # SPEC 1: a 336x336 crop gives 42x42; the odd 353x481 gives ceil -> 45x61.
+    # docs/protocol.md §1: a 336x336 crop gives 42x42; the odd 353x481 gives ceil -> 45x61.
     net = build_model("pspnet", 2, backbone).eval()
     with torch.no_grad():
         assert net(torch.randn(1, 3, 336, 336)).shape == (1, 2, 42, 42)
@@ -203,7 +203,7 @@ def test_unknown_arch_and_backbone_are_clear_errors():
 
 
 # --------------------------------------------------------------------------------------------
-# Parameter groups (SPEC 6)
+# Parameter groups (docs/protocol.md §6)
 # --------------------------------------------------------------------------------------------
 def test_param_groups_split_and_cover_every_parameter_once():
     net = build_model("pspnet", 5, "tiny")
