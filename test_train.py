@@ -5,6 +5,7 @@ numbers are worked out by hand in the comments, never read back from train.py.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -236,11 +237,13 @@ def test_init_carries_network_and_aaf_weights_into_a_fresh_schedule(tmp_path):
 
 # ----------------------------------------------------------------------------- torchrun
 
-def test_torchrun_two_cpu_processes_keep_identical_weights(tmp_path):
+# With --accum-steps 2 (2 micro-batches of 2 per process): DDP all-reduces in the last one's backward.
+@pytest.mark.parametrize("extra", [(), ("--batch-size", "8", "--accum-steps", "2")])
+def test_torchrun_two_cpu_processes_keep_identical_weights(tmp_path, extra):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(REPO / "train.py"), *run_args(out, "--loss", "aaf", "--iters", "3", "--batch-size", "4",
-                                                 "--dump-rank-state")]
+                                                 "--dump-rank-state", *extra)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
@@ -529,7 +532,8 @@ def count_host_reads(monkeypatch) -> list[str]:
 train_state = {"step": None}
 
 
-def test_no_host_read_back_inside_the_training_step(tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [(), ("--batch-size", "4", "--accum-steps", "2")])
+def test_no_host_read_back_inside_the_training_step(tmp_path, monkeypatch, extra):
     real_step = train.train_step
 
     def marked_step(parts, images, labels, step, *args, **kwargs):
@@ -542,7 +546,7 @@ def test_no_host_read_back_inside_the_training_step(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "train_step", marked_step)
     calls = count_host_reads(monkeypatch)
     # 9 iterations, logged (and checked) every 3, no intermediate checkpoint (--save-every 9).
-    train_main(*run_args(tmp_path, "--loss", "aaf", "--iters", "9", "--log-every", "3", "--save-every", "9"))
+    train_main(*run_args(tmp_path, "--loss", "aaf", "--iters", "9", "--log-every", "3", "--save-every", "9", *extra))
     monkeypatch.undo()
     inside = [c for c in calls if not c.endswith("None")]
     assert inside == [], inside[:5]
@@ -716,3 +720,153 @@ def test_a_non_finite_value_on_one_rank_stops_every_rank_at_its_step(monkeypatch
     # Iteration 3 of rank 1 makes step 4; the values shown are those of the rank(s) that went bad.
     assert answers[0][1] == answers[1][1], answers
     assert answers[0][1].startswith("non-finite loss at step 4: ce=nan total=4"), answers[0][1]
+
+
+# ----------------------------------------------------------------------------- issue 11: --accum-steps
+
+def strip_batchnorm(module: torch.nn.Module) -> None:
+    """Every BatchNorm2d replaced by nn.Identity, in place (BN is the one layer that sees the batch)."""
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.BatchNorm2d):
+            setattr(module, name, torch.nn.Identity())
+        else:
+            strip_batchnorm(child)
+
+
+def batchnorm_free_steps(loss: str, accum: int, steps: int = 3) -> tuple[list[dict], train.Parts]:
+    """`steps` iterations of the tiny PSPNet without BatchNorm on one batch of 4 whose first image
+    is half ignored, so that the two halves have different valid, edge and pair counts, and whose
+    last image is flat, so that their per-element losses differ."""
+    parts, args = build_for_steps("--crop-size", "48", "--batch-size", "4", "--iters", "100", "--loss", loss,
+                                  "--accum-steps", str(accum))
+    strip_batchnorm(parts.model)
+    # Confident, spatially varying predictions (an untrained classifier's are nearly uniform, which
+    # makes every pixel's loss alike, and per-half means then add up right by chance).
+    with torch.no_grad():
+        parts.model.classifier.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(1))
+    images, labels = one_batch(batch=4)
+    labels[0, :20] = 255  # rows 0, 8, 16 of the stride-8 picks
+    images[3] = 0.0  # a flat image: features nearly constant, so the halves' per-element losses differ
+    values = [{k: float(v) for k, v in train.train_step(parts, images, labels, step, args).items()}
+              for step in range(steps)]
+    return values, parts
+
+
+@pytest.mark.parametrize("loss", ["ce", "affinity", "aaf", "random", "embedding"])
+def test_two_micro_batches_take_the_steps_of_one_batch_without_batchnorm(loss, monkeypatch):
+    whole, whole_parts = batchnorm_free_steps(loss, 1)
+    split, split_parts = batchnorm_free_steps(loss, 2)
+    # The halves' denominators differ, else per-half means would add up right by chance.
+    _, labels = one_batch(batch=4)
+    labels[0, :20] = 255
+    small = losses.downsample_labels(labels, (6, 6))
+    first, second = (whole_parts.loss_terms.counts([half]) for half in small.chunk(2))
+    for term in first:
+        assert not torch.equal(first[term], second[term]), term
+    for a, b in zip(whole, split):
+        assert b.keys() == a.keys()
+        for term in a:  # the micro-batch terms add up to the whole batch's
+            assert b[term] == pytest.approx(a[term], rel=1e-5), term
+    for (name, p), q in zip(whole_parts.model.named_parameters(), split_parts.model.parameters()):
+        # Parameters move by up to ~0.5 in these 3 steps; float32 rounding leaves ~1e-7.
+        assert torch.allclose(q, p, rtol=1e-5, atol=1e-6), name
+    if loss == "aaf":  # the weights' ascent gradients were accumulated too
+        for name, p in whole_parts.projection.named_parameters():
+            q = dict(split_parts.projection.named_parameters())[name]
+            assert p.abs().max() > 1e-4 and (q - p).abs().max() <= 1e-5 * p.abs().max(), name
+    # The usual recipe (each micro-batch's own means, divided by N) is a different step here.
+    real_forward = train.LossTerms.forward
+    monkeypatch.setattr(train.LossTerms, "counts", lambda self, smalls: None)
+    monkeypatch.setattr(train.LossTerms, "forward",
+                        lambda self, *a, counts=None: {k: v / 2 for k, v in real_forward(self, *a).items()})
+    naive, naive_parts = batchnorm_free_steps(loss, 2, steps=1)
+    for term in whole[0]:  # step 0: the same weights, only the denominators differ
+        assert naive[0][term] != pytest.approx(whole[0][term], rel=1e-3), term
+
+
+def test_the_default_step_is_one_batch_in_one_piece():
+    # --accum-steps 1, a namespace from before the flag, and the literal recipe of one iteration
+    # (forward, CE + lambda * AAF, one backward, both SGD steps) leave bit-identical weights.
+    flags = ("--crop-size", "48", "--batch-size", "2", "--iters", "100", "--loss", "aaf")
+    images, labels = one_batch()
+    results = []
+    for variant in ("flag", "old namespace", "literal"):
+        parts, args = build_for_steps(*flags)
+        for step in range(2):
+            if variant == "old namespace":
+                old = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "accum_steps"})
+                train.train_step(parts, images, labels, step, old)
+            elif variant == "flag":
+                assert args.accum_steps == 1
+                train.train_step(parts, images, labels, step, args)
+            else:
+                lr = train.poly_lr(args.lr, step, args.iters)
+                train.set_lr(parts.optimizer, lr)
+                train.set_lr(parts.projection_optimizer, lr)
+                logits = parts.model(images)
+                small = labels[:, ::8, ::8]
+                total = losses.unary_loss(logits, small) \
+                    + args.loss_lambda * train.affinity_decay(step, args.iters) * parts.projection(logits, small)
+                parts.optimizer.zero_grad()
+                parts.projection_optimizer.zero_grad()
+                total.backward()
+                parts.optimizer.step()
+                parts.projection_optimizer.step()
+        results.append([p.detach().clone() for p in parts.model.parameters()]
+                       + [p.detach().clone() for p in parts.projection.parameters()])
+    for a, b, c in zip(*results):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_resume_with_accumulation_ends_with_identical_weights(tmp_path):
+    # 12 samples, batch 4 in 2 micro-batches of 2 (PSPNet's BN needs 2): 3 batches per epoch.
+    common = ("--loss", "aaf", "--iters", "6", "--save-every", "2", "--train-length", "12", "--batch-size", "4",
+              "--accum-steps", "2")
+    train_main(*run_args(tmp_path / "whole", *common))
+    train_main(*run_args(tmp_path / "split", *common, "--stop-after", "3"))  # last.pt at step 2
+    train_main(*run_args(tmp_path / "split", *common, "--resume", str(tmp_path / "split" / "last.pt")))
+    whole = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
+    split = torch.load(tmp_path / "split" / "model.pt", weights_only=True)
+    assert whole["args"]["accum_steps"] == split["args"]["accum_steps"] == 2
+    for key in ("model", "aaf"):
+        for name in whole[key]:
+            assert torch.equal(whole[key][name], split[key][name]), f"{key}.{name}"
+    for key in ("optimizer", "aaf_optimizer"):
+        for index, state in whole[key]["state"].items():
+            assert torch.equal(state["momentum_buffer"], split[key]["state"][index]["momentum_buffer"])
+    assert [r["loss"] for r in read_log(tmp_path / "split")] == [r["loss"] for r in read_log(tmp_path / "whole")]
+    # The accumulated run is a different trajectory from one in one piece (BatchNorm): not the same weights.
+    train_main(*run_args(tmp_path / "one", *common[:-2]))
+    one = torch.load(tmp_path / "one" / "model.pt", weights_only=True)
+    assert not torch.equal(one["model"]["classifier.weight"], whole["model"]["classifier.weight"])
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (("--batch-size", "6", "--accum-steps", "4"), "--batch-size 6 does not split into --accum-steps 4 equal"),
+    (("--accum-steps", "0"), "--accum-steps 0 must be >= 1"),
+    (("--batch-size", "4", "--accum-steps", "4"), "PSPNet's BatchNorm needs at least 2 images per micro-batch "
+                                                  "(--batch-size 4 in 4 micro-batches on 1 cpu process(es))"),
+    (("--batch-size", "4", "--accum-steps", "2", "--loss", "gan"), "--loss gan cannot use --accum-steps > 1: "),
+])
+def test_accumulation_refusals_are_one_line(tmp_path, flags, expected):
+    with pytest.raises(SystemExit) as stop:
+        train_main(*run_args(tmp_path, *flags))
+    message = str(stop.value)
+    assert expected in message and "\n" not in message, message
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_resume_refuses_another_accum_steps_also_for_checkpoints_from_before_the_flag(tmp_path):
+    common = ("--iters", "3", "--save-every", "1", "--batch-size", "4", "--loss", "ce")
+    train_main(*run_args(tmp_path, *common, "--stop-after", "1"))
+    with pytest.raises(SystemExit) as stop:
+        train_main(*run_args(tmp_path, *common, "--accum-steps", "2", "--resume", str(tmp_path / "last.pt")))
+    assert "--accum-steps: 2 now, 1 in the checkpoint" in str(stop.value) and "\n" not in str(stop.value)
+    # A checkpoint written before --accum-steps existed ran in one piece: 1 resumes, 2 is refused.
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    del ckpt["args"]["accum_steps"]
+    args, _ = train.resolve_args(train.get_args_parser().parse_args(run_args(tmp_path, *common)))
+    train.check_resume_args(args, ckpt, world_size=1)
+    args.accum_steps = 2
+    with pytest.raises(SystemExit, match="--accum-steps: 2 now, 1 in the checkpoint"):
+        train.check_resume_args(args, ckpt, world_size=1)

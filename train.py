@@ -17,6 +17,9 @@ One iteration, for a crop batch `x [B, 3, H, W]` with labels `y [B, H, W]`:
   (momentum 0.9, the backbone's poly rate, no weight decay, `maximize=True`).
 - `--loss gan` (Eqs. 5-6): the discriminator and the segmentation network update in alternating
   steps: D on the detached predictions, then the network against the updated D.
+- `--accum-steps N`: the batch of one optimizer step runs as N micro-batches whose gradients add
+  up; every loss mean divides by the whole batch's count, so without BatchNorm the step is the
+  same as in one piece (BatchNorm normalises each micro-batch by its own statistics).
 - Multi-GPU with torchrun (env ranks, DDP, SyncBatchNorm on GPU, DistributedSampler); rank 0
   alone logs and writes. Checkpoints are plain types written atomically; `--resume` continues
   bit-exactly on CPU (data order and augmentation are functions of (seed, epoch, index)).
@@ -31,6 +34,7 @@ One iteration, for a crop batch `x [B, 3, H, W]` with labels `y [B, H, W]`:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -64,7 +68,15 @@ ADVERSARY_KEYS = {"aaf": "aaf", "gan": "disc"}
 # Settings that define the optimisation trajectory: a resumed run must use the same ones.
 TRAJECTORY_ARGS = ("dataset", "train_split", "train_length", "crop_size", "arch", "backbone", "loss",
                    "loss_lambda", "margin", "kernel_sizes", "decay", "iters", "batch_size", "lr",
-                   "head_lr_mult", "momentum", "weight_decay", "seed", "amp")
+                   "head_lr_mult", "momentum", "weight_decay", "seed", "amp", "accum_steps")
+# Trajectory settings added after checkpoints were first written: the value every earlier run had.
+# (amp is not here: a checkpoint without it is not compared.)
+TRAJECTORY_DEFAULTS = {"accum_steps": 1}
+# Why --loss gan cannot accumulate (resolve_args refuses it; train_step too, if called directly).
+GAN_ACCUM_REFUSAL = ("--loss gan cannot use --accum-steps > 1: its alternating step updates the discriminator "
+                     "on the whole batch's predictions before the network is scored by the updated "
+                     "discriminator, so every micro-batch's graph would have to be kept, which is the "
+                     "memory accumulation saves")
 # Files written atomically into the run folder; a kill -9 mid-write leaves `.<name>.<random>.tmp`.
 ATOMIC_FILES = ("last.pt", "model.pt", "log.jsonl", "args.json")
 MAX_DEFAULT_WORKERS = 16  # beyond this, more loader processes mostly add memory (each holds a prefetch queue)
@@ -141,6 +153,18 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="training iterations (dataset default: VOC 30000, Cityscapes 90000)")
     g.add_argument("--batch-size", type=int, default=None,
                    help="global batch, split evenly across processes (dataset default: 8)")
+    g.add_argument("--accum-steps", type=int, default=1, metavar="N",
+                   help="gradient accumulation for GPUs too small for --batch-size: each process's share of "
+                        "the batch runs as N equal micro-batches, one after another (forward and backward each, "
+                        "gradients of the network and the AAF weights added up), then one optimizer step and "
+                        "one poly-LR step; --batch-size stays the batch per optimizer step, so the data and "
+                        "--iters do not change. Every loss mean divides by the count of the whole batch, so "
+                        "a network without BatchNorm takes the same steps as with N = 1 (up to float "
+                        "rounding). With BatchNorm they differ: BN statistics (and running averages) come from "
+                        "each micro-batch alone, and PSPNet's pyramid BN needs >= 2 images per micro-batch in "
+                        "each BN call: --batch-size / N on GPU (SyncBatchNorm pools the processes), "
+                        "--batch-size / processes / N on CPU. Not with --loss gan (its discriminator step needs "
+                        "the whole batch's predictions at once). A resumed run keeps its N (default: 1)")
     g.add_argument("--lr", type=float, default=None,
                    help="base learning rate (dataset default: 1e-3; VOC stage 2: 1e-4)")
     g.add_argument("--head-lr-mult", type=float, default=10.0,
@@ -206,7 +230,7 @@ def given_value_problems(args: argparse.Namespace) -> list[str]:
     """Every value the user gave that is out of range, checked BEFORE defaults are filled in, so
     that no given value is ever silently replaced by a default (e.g. --train-length 0)."""
     problems = []
-    for dest in ("train_length", "iters", "batch_size", "save_every", "log_every", "stop_after"):
+    for dest in ("train_length", "iters", "batch_size", "accum_steps", "save_every", "log_every", "stop_after"):
         value = getattr(args, dest, None)
         if value is not None and value < 1:
             problems.append(f"{flag_name(dest)} {value} must be >= 1")
@@ -247,7 +271,7 @@ def default_workers(device_type: str) -> int:
 def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, data.DatasetInfo]:
     """Fill the per-dataset defaults (SPEC 6) and check the invariants before anything runs."""
     args = argparse.Namespace(**vars(args))  # the caller's namespace stays untouched
-    for dest, default in (("compile", None), ("overwrite", False), ("kill_at", None)):
+    for dest, default in (("compile", None), ("overwrite", False), ("kill_at", None), ("accum_steps", 1)):
         if not hasattr(args, dest):  # namespaces built before these flags existed
             setattr(args, dest, default)
     problems = given_value_problems(args)
@@ -314,6 +338,8 @@ def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, data.Dat
         problems.append(f"--loss {args.loss} takes one kernel size, got {args.kernel_sizes}")
     if args.loss in ("ce", "gan") and args.kernel_sizes:
         problems.append(f"--loss {args.loss} has no field size; drop --kernel-sizes")
+    if args.loss == "gan" and args.accum_steps > 1:
+        problems.append(GAN_ACCUM_REFUSAL)
     if args.resume and args.init:
         problems.append("--resume and --init exclude each other (resume continues a run, init starts a new one)")
     if args.finetune and not args.init and not args.resume:
@@ -552,23 +578,42 @@ class LossTerms(nn.Module):
 
     Kept apart from the step-dependent weighting (lambda * 10^(-t/T), a Python float that
     would make torch.compile recompile every iteration) so that --compile traces it once.
+    Each term is a mean over its batch; with `counts` (from `counts`, over all micro-batches of
+    an optimizer step) it divides by the whole batch's count instead, so that the terms of the
+    micro-batches add up to the whole batch's (--accum-steps).
     """
 
-    def __init__(self, projection: nn.Module | None, loss: str):
+    def __init__(self, projection: nn.Module | None, loss: str, num_classes: int):
         super().__init__()
-        self.projection, self.loss = projection, loss
+        self.projection, self.loss, self.num_classes = projection, loss, num_classes
 
-    def forward(self, logits: torch.Tensor, small: torch.Tensor, features: torch.Tensor | None = None
-                ) -> dict[str, torch.Tensor]:
-        # logits [B, C, h, w] at stride 8, small [B, h, w] labels at the same size, features [B, F, h, w].
+    def counts(self, smalls: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The denominator of every term's mean, summed over the micro-batches' labels `smalls`
+        (each [b, h, w] at the logits' size): {"ce": valid pixels, <--loss name>: the projection's
+        counts (0-d, or [2, K] edge / non-edge elements per field size)}; all int64 on the device."""
+        if self.loss == "gan":  # D's alternating step cannot be split (train.py refuses it up front)
+            raise ValueError(GAN_ACCUM_REFUSAL)
+        size = tuple(smalls[0].shape[-2:])
+        totals = {"ce": sum(losses.valid_count(small, self.num_classes) for small in smalls)}
+        if self.projection is not None:
+            totals[self.loss] = sum(self.projection.counts(small, size) for small in smalls)
+        return totals
+
+    def forward(self, logits: torch.Tensor, small: torch.Tensor, features: torch.Tensor | None = None,
+                counts: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        # logits [B, C, h, w] at stride 8, small [B, h, w] labels at the same size, features [B, F, h, w];
+        # counts: None (each mean over this batch) or `counts()` of every micro-batch of the step.
         proj = self.projection
-        terms = {"ce": losses.unary_loss(logits, small)}                      # Eq. (1)
+        # Without counts no keyword is passed at all: the same calls as before --accum-steps existed.
+        ce_total = {} if counts is None else {"count": counts["ce"]}
+        proj_total = {} if counts is None else {"counts": counts.get(self.loss)}
+        terms = {"ce": losses.unary_loss(logits, small, **ce_total)}          # Eq. (1)
         if self.loss == "gan":
             terms["gan"] = proj.generator_loss(logits, small)                 # Eq. (5), no gradient into D
         elif self.loss == "embedding":
-            terms["embedding"] = proj(features, small)
+            terms["embedding"] = proj(features, small, **proj_total)
         elif proj is not None:
-            terms[self.loss] = proj(logits, small)
+            terms[self.loss] = proj(logits, small, **proj_total)
         return terms
 
 
@@ -639,7 +684,7 @@ def build_parts(args: argparse.Namespace, info: data.DatasetInfo, device: torch.
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     parts = Parts(ddp_model, model, projection, optimizer, projection_optimizer, forward=ddp_model,
-                  loss_terms=LossTerms(projection, args.loss),
+                  loss_terms=LossTerms(projection, args.loss, info.num_classes),
                   disc_loss=projection.discriminator_loss if args.loss == "gan" else None)
     if getattr(args, "compile", None):
         # The model (through DDP, whose buckets torch.compile splits at), the loss terms and the
@@ -831,6 +876,12 @@ def train_step(parts: Parts, images: torch.Tensor, labels: torch.Tensor, step: i
     queue keeps running): `ce`, the projection's raw (unweighted) value under its --loss name,
     `total` (what the network minimises) and, for the GAN, `disc`. `guard` (FiniteGuard)
     records what became non-finite; train.py reads it at log intervals and before saving.
+
+    `--accum-steps N` > 1: the batch runs as N micro-batches of B / N (forward and backward each,
+    so that only one micro-batch's activations are alive; gradients add up in .grad), then the
+    optimizers step once. Every loss mean divides by the whole batch's count (LossTerms.counts),
+    so the micro-batch terms and gradients add up to the whole batch's; the returned terms are
+    those sums.
     """
     lr = poly_lr(args.lr, step, args.iters)
     set_lr(parts.optimizer, lr)
@@ -838,39 +889,75 @@ def train_step(parts: Parts, images: torch.Tensor, labels: torch.Tensor, step: i
     weight = args.loss_lambda * (affinity_decay(step, args.iters) if args.decay else 1.0)
     amp = torch.autocast(device_type=images.device.type, dtype=torch.bfloat16,
                          enabled=args.amp and images.device.type == "cuda")
-    # 1. Forward and loss terms.
+    accum = getattr(args, "accum_steps", 1)  # namespaces built before --accum-steps
+    if accum > 1 and args.loss == "gan":
+        raise ValueError(GAN_ACCUM_REFUSAL)
+    parts.optimizer.zero_grad(set_to_none=True)
+    if args.loss == "aaf":
+        parts.projection_optimizer.zero_grad(set_to_none=True)
+    if accum == 1:
+        micro, smalls, counts = [(images, labels)], [None], None  # each mean over this batch, as always
+    else:
+        micro = list(zip(images.chunk(accum), labels.chunk(accum)))      # N x ([B/N, 3, H, W], [B/N, H, W])
+        # Labels at the logits' size, known before any forward: ceil(H/8) x ceil(W/8) (model.py).
+        stride = model_lib.OUTPUT_STRIDE
+        size = (-(-labels.shape[-2] // stride), -(-labels.shape[-1] // stride))
+        smalls = [losses.downsample_labels(lab, size) for _, lab in micro]  # N x [B/N, h, w]
+        counts = parts.loss_terms.counts(smalls)                          # of the whole batch
+    ddp = isinstance(parts.model, nn.parallel.DistributedDataParallel)
+    summed: dict[str, torch.Tensor] = {}
+    for index, ((images_m, labels_m), small) in enumerate(zip(micro, smalls)):
+        # Under DDP the gradients are all-reduced once, in the last micro-batch's backward.
+        last = index == len(micro) - 1
+        with contextlib.nullcontext() if last or not ddp else parts.model.no_sync():
+            terms = micro_batch_terms(parts, images_m, labels_m, small, counts, weight, amp, args, dist)
+            # One backward pass per micro-batch: network gradients (minimised) and, for AAF, the
+            # weights' (maximised), added to those of the micro-batches before.
+            terms["total"].backward()
+        for key, value in terms.items():
+            summed[key] = value.detach() if key not in summed else summed[key] + value.detach()
+
+    # Optimizer steps, once per batch.
+    parts.optimizer.step()
+    if args.loss == "aaf":
+        average_gradients(list(parts.projection.parameters()), dist)
+        parts.projection_optimizer.step()  # maximize=True: ascent on the same loss (Eq. 9)
+    if guard is not None:
+        guard.record(step, summed, parts)
+    return summed
+
+
+def micro_batch_terms(parts: Parts, images: torch.Tensor, labels: torch.Tensor, small: torch.Tensor | None,
+                      counts: dict[str, torch.Tensor] | None, weight: float, amp: torch.autocast,
+                      args: argparse.Namespace, dist: Dist) -> dict[str, torch.Tensor]:
+    """Forward and loss terms of one (micro-)batch, "total" = ce + weight * projection with its graph.
+
+    small: the labels at the logits' size (None: picked here from the logits' size); counts: the
+    whole batch's denominators (LossTerms.counts) or None for means over this batch.
+    """
+    # Forward and loss terms.
     with amp:
         if args.loss == "embedding":
             logits, features = parts.forward(images, return_features=True)  # [B, C, h, w], [B, F, h, w]
         else:
             logits, features = parts.forward(images), None                  # [B, C, h, w] at stride 8
-        # Downsample once (nearest pick of pixel (8i, 8j), SPEC 1); every loss gets this [B, h, w] map.
-        small = losses.downsample_labels(labels, logits.shape[-2:])
+        if small is None:
+            # Downsample once (nearest pick of pixel (8i, 8j), SPEC 1); every loss gets this [B, h, w] map.
+            small = losses.downsample_labels(labels, logits.shape[-2:])
+        elif small.shape[-2:] != logits.shape[-2:]:  # the counts were taken at the wrong size
+            raise ValueError(f"logits of size {list(logits.shape[-2:])} for a {list(labels.shape[-2:])} crop: "
+                             f"--accum-steps expects ceil(H/{model_lib.OUTPUT_STRIDE}) x "
+                             f"ceil(W/{model_lib.OUTPUT_STRIDE})")
     # GAN, alternating step 1 first: D updates on the detached predictions, then the network
     # is scored by the updated D (Eq. 6).
     disc = discriminator_step(parts, logits, small, amp, dist) if args.loss == "gan" else None
     with amp:
-        terms = parts.loss_terms(logits, small, features)
+        terms = parts.loss_terms(logits, small, features, counts=counts)
     total = terms["ce"] + weight * terms[args.loss] if args.loss != "ce" else terms["ce"]
     if disc is not None:
         terms = {"ce": terms["ce"], "disc": disc, "gan": terms["gan"]}
     terms["total"] = total
-
-    # 2. One backward pass: network gradients (minimised) and, for AAF, the weights' (maximised).
-    parts.optimizer.zero_grad(set_to_none=True)
-    if args.loss == "aaf":
-        parts.projection_optimizer.zero_grad(set_to_none=True)
-    total.backward()
-
-    # 3. Optimizer steps.
-    parts.optimizer.step()
-    if args.loss == "aaf":
-        average_gradients(list(parts.projection.parameters()), dist)
-        parts.projection_optimizer.step()  # maximize=True: ascent on the same loss (Eq. 9)
-    values = {k: v.detach() for k, v in terms.items()}
-    if guard is not None:
-        guard.record(step, values, parts)
-    return values
+    return terms
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -919,8 +1006,9 @@ def checkpoint(parts: Parts, args: argparse.Namespace, info: data.DatasetInfo, s
 
 def check_resume_args(args: argparse.Namespace, ckpt: dict, world_size: int, is_main: bool = True) -> None:
     """A resumed run must follow the same trajectory: refuse changed settings up front."""
-    saved = ckpt.get("args", {})
-    # A setting missing from the checkpoint predates it (e.g. amp, added later): nothing to compare.
+    # A setting missing from the checkpoint predates it: it had the value of TRAJECTORY_DEFAULTS
+    # (accum_steps: 1), or for the others (e.g. amp, added later) there is nothing to compare.
+    saved = {**TRAJECTORY_DEFAULTS, **ckpt.get("args", {})}
     changed = [f"{flag_name(name)}: {getattr(args, name)!r} now, {saved[name]!r} in the checkpoint"
                for name in TRAJECTORY_ARGS if name in saved and saved[name] != getattr(args, name)]
     if changed:
@@ -1183,12 +1271,22 @@ def train(args: argparse.Namespace, info: data.DatasetInfo, dist: Dist, device: 
     if args.batch_size % dist.world_size:
         raise SystemExit(f"train.py: --batch-size {args.batch_size} (global) is not divisible by the "
                          f"{dist.world_size} processes")
+    local_batch = args.batch_size // dist.world_size
+    if local_batch % args.accum_steps:
+        share = f" ({local_batch} per process on {dist.world_size})" if dist.enabled else ""
+        raise SystemExit(f"train.py: --batch-size {args.batch_size}{share} does not split into "
+                         f"--accum-steps {args.accum_steps} equal micro-batches")
     # PSPNet's 1x1 pyramid bin is BatchNorm over one value per image: it needs two images per
-    # BN call, i.e. per process unless SyncBatchNorm (GPU) pools the whole global batch.
-    bn_batch = args.batch_size if device.type == "cuda" else args.batch_size // dist.world_size
+    # BN call, i.e. per process and micro-batch unless SyncBatchNorm (GPU) pools the micro-batches
+    # of every process.
+    bn_batch = (args.batch_size if device.type == "cuda" else local_batch) // args.accum_steps
     if args.arch == "pspnet" and bn_batch < 2:
-        raise SystemExit(f"train.py: PSPNet's BatchNorm needs at least 2 images per "
-                         f"{'process' if dist.enabled else 'batch'} (--batch-size {args.batch_size} "
+        per = "micro-batch" if args.accum_steps > 1 else "batch"
+        if dist.enabled:
+            per += " over all processes (SyncBatchNorm)" if device.type == "cuda" else " per process"
+        raise SystemExit(f"train.py: PSPNet's BatchNorm needs at least 2 images per {per} "
+                         f"(--batch-size {args.batch_size}"
+                         f"{f' in {args.accum_steps} micro-batches' if args.accum_steps > 1 else ''} "
                          f"on {dist.world_size} {device.type} process(es))")
     out = Path(args.out)
     # Never destroy a run: rank 0 looks at the folder, every rank follows its verdict.
@@ -1219,7 +1317,8 @@ def train(args: argparse.Namespace, info: data.DatasetInfo, dist: Dist, device: 
         prepare_run_folder(args, out, start, dist.world_size)
         print(f"train.py: {args.dataset} ({len(train_set)} {args.train_split} images), {args.arch}-"
               f"{args.backbone}, loss {args.loss} (lambda {args.loss_lambda}, decay {args.decay}), "
-              f"{args.iters} iterations of {args.batch_size} crops {args.crop_size}px on "
+              f"{args.iters} iterations of {args.batch_size} crops {args.crop_size}px"
+              f"{f' in {args.accum_steps} micro-batches' if args.accum_steps > 1 else ''} on "
               f"{dist.world_size} x {device}, {args.workers} loader workers"
               f"{', compiled' if args.compile else ''}, from step {start} -> {out}", flush=True)
     writer = open_tensorboard(out, start) if args.tensorboard and dist.is_main else None  # beside log.jsonl
