@@ -91,7 +91,7 @@ def test_step_sets_the_learning_rates_of_every_group():
 
 def test_dataset_defaults_and_invariants():
     args, _ = train.resolve_args(train.get_args_parser().parse_args(["--dataset", "voc", "--loss", "aaf"]))
-    # SPEC 6 / paper: VOC crop 336, batch 8, lr 1e-3, 30k iterations, lambda 1, sizes {3, 5}, m = 3.
+    # docs/protocol.md §6 / paper: VOC crop 336, batch 8, lr 1e-3, 30k iterations, lambda 1, sizes {3, 5}, m = 3.
     assert (args.crop_size, args.batch_size, args.lr, args.iters) == (336, 8, 1e-3, 30000)
     assert (args.loss_lambda, args.kernel_sizes, args.margin, args.decay) == (1.0, [3, 5], 3.0, True)
     assert args.backbone == "resnet101" and args.out == "runs/voc_aaf"

@@ -1,4 +1,4 @@
-"""Training: the paper's recipe (section 4, SPEC section 6) with every projection loss of Table 2.
+"""Training: the paper's recipe (section 4, docs/protocol.md §6) with every projection loss of Table 2.
 
 One iteration, for a crop batch `x [B, 3, H, W]` with labels `y [B, H, W]`:
 
@@ -12,7 +12,7 @@ One iteration, for a crop batch `x [B, 3, H, W]` with labels `y [B, H, W]`:
   fades from 1x to 0.1x over training; the author says it is needed for convergence. On by
   default (`--no-decay` turns it off); applied to every projection loss so that the Table 2
   comparison differs only in the projection.
-- `--loss aaf` (Eq. 9, SPEC 3): the network minimises the AAF loss and the kernel-size weights
+- `--loss aaf` (Eq. 9, docs/protocol.md §3): the network minimises the AAF loss and the kernel-size weights
   maximise it, in the same iteration from the same backward pass: the weights have their own SGD
   (momentum 0.9, the backbone's poly rate, no weight decay, `maximize=True`).
 - `--loss gan` (Eqs. 5-6): the discriminator and the segmentation network update in alternating
@@ -60,9 +60,9 @@ import losses
 import model as model_lib
 
 LOSSES = ("ce", "affinity", "aaf", "random", "gan", "embedding")
-# Projection losses whose paper weight is not the data set's affinity lambda (SPEC 4, 6).
+# Projection losses whose paper weight is not the data set's affinity lambda (docs/protocol.md §4, §6).
 SMALL_LAMBDA_LOSSES = {"random": 0.01, "gan": 0.01}
-DEFAULT_MARGIN = 3.0  # SPEC 6: m = 3.0 everywhere
+DEFAULT_MARGIN = 3.0  # docs/protocol.md §6: m = 3.0 everywhere
 # Checkpoint key of the trained weights inside a projection loss (+ "_optimizer" for their SGD).
 ADVERSARY_KEYS = {"aaf": "aaf", "gan": "disc"}
 # Settings that define the optimisation trajectory: a resumed run must use the same ones.
@@ -104,7 +104,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Flags left at 'dataset default' take the paper's value for --dataset "
-               "(data.py's DatasetInfo; SPEC section 6).")
+               "(data.py's DatasetInfo; docs/protocol.md §6).")
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default=None, choices=sorted(data.DATASET_NAMES),
                    help="data set (default: synthetic, generated on the fly, no download; name it whenever "
@@ -269,7 +269,7 @@ def default_workers(device_type: str) -> int:
 
 
 def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, data.DatasetInfo]:
-    """Fill the per-dataset defaults (SPEC 6) and check the invariants before anything runs."""
+    """Fill the per-dataset defaults (docs/protocol.md §6) and check the invariants before anything runs."""
     args = argparse.Namespace(**vars(args))  # the caller's namespace stays untouched
     for dest, default in (("compile", None), ("overwrite", False), ("kill_at", None), ("accum_steps", 1)):
         if not hasattr(args, dest):  # namespaces built before these flags existed
@@ -942,7 +942,7 @@ def micro_batch_terms(parts: Parts, images: torch.Tensor, labels: torch.Tensor, 
         else:
             logits, features = parts.forward(images), None                  # [B, C, h, w] at stride 8
         if small is None:
-            # Downsample once (nearest pick of pixel (8i, 8j), SPEC 1); every loss gets this [B, h, w] map.
+            # Downsample once (nearest pick of pixel (8i, 8j), docs/protocol.md §1); every loss gets this [B, h, w] map.
             small = losses.downsample_labels(labels, logits.shape[-2:])
         elif small.shape[-2:] != logits.shape[-2:]:  # the counts were taken at the wrong size
             raise ValueError(f"logits of size {list(logits.shape[-2:])} for a {list(labels.shape[-2:])} crop: "
