@@ -21,7 +21,9 @@ Under torch.autocast the losses still compute in float32 (autocast is switched o
 Training schedule (not in this file): the official code multiplies the whole affinity/AAF term
 by 10^(-t/T) (t the step, T the total steps); that decay lives in train.py.
 
-This file depends on torch alone so that it can be copied into other projects.
+This file depends on torch alone (tested with torch 2.15) so that it can be copied into other projects. The
+hand-written backwards are first-order only: a double backward (create_graph=True) through them is
+an error, not a silent zero.
 """
 from __future__ import annotations
 
@@ -199,6 +201,12 @@ def _pair_regions(h: int, w: int, dy: int, dx: int):
 _PAIR_INDEX = torch.int32
 
 
+def _is_compiling() -> bool:
+    """torch.compiler.is_compiling() where it exists (torch >= 2.3); older torch never traces this file."""
+    check = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(check()) if check is not None else False
+
+
 def _shape_cache(fn):
     """functools.lru_cache for eager calls; under torch.compile the function is traced instead
     (its tensors become constants of the graph)."""
@@ -206,7 +214,7 @@ def _shape_cache(fn):
 
     @functools.wraps(fn)
     def call(*args):
-        return fn(*args) if torch.compiler.is_compiling() else cached(*args)
+        return fn(*args) if _is_compiling() else cached(*args)
     return call
 
 
@@ -414,6 +422,15 @@ def _minus_plus(t: torch.Tensor) -> torch.Tensor:
     return _minus_plus_cached(t.dtype, t.device)
 
 
+def _first_order_only() -> None:
+    """The hand-written backwards give the first derivative only. A double backward (a gradient
+    penalty, create_graph=True, which runs the backward with grad mode on) would silently treat
+    that derivative as a constant, so it is refused."""
+    if torch.is_grad_enabled() and not _is_compiling():
+        raise RuntimeError("the affinity losses support first-order gradients only: "
+                           "backward(create_graph=True) / double backward is not implemented")
+
+
 class _AffinityFieldLossFn(torch.autograd.Function):
     """L = sum_{t,k,c} coef[t, k, c] * sums[t, k, c] with the gradient of ``_eq7`` computed in the
     forward pass; backward scales it. coef [2, K, C] may require grad (AAF's weights)."""
@@ -427,13 +444,14 @@ class _AffinityFieldLossFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        _first_order_only()
         grad, sums = ctx.saved_tensors
         return (grad * g if grad is not None else None, sums * g if sums is not None else None,
                 None, None, None)
 
 
-def _affinity_loss(logits: torch.Tensor, lab: torch.Tensor, pairs: _Pairs, sizes: tuple[int, ...],
-                   margin: float, coef: torch.Tensor) -> torch.Tensor:
+def _affinity_loss(logits: torch.Tensor, pairs: _Pairs, sizes: tuple[int, ...], margin: float,
+                   coef: torch.Tensor) -> torch.Tensor:
     prob = logits.softmax(dim=1)                                       # [B, C, h, w]
     return _AffinityFieldLossFn.apply(prob, coef, tuple(pairs), sizes, margin)
 
@@ -461,6 +479,7 @@ class _AffinityFieldSums(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_edge, g_nonedge, _g_ec, _g_nc):
+        _first_order_only()
         prob, lab = ctx.saved_tensors
         pairs = _pairs(lab, ctx.sizes, prob.shape[1])
         _, grad = _eq7(prob, pairs, ctx.sizes, ctx.margin, torch.stack([g_edge, g_nonedge]))
@@ -527,7 +546,7 @@ class AffinityFieldLoss(nn.Module):
             pairs = _pairs(lab, self.kernel_sizes, self.num_classes)
             lam = self._lambdas.to(logits.dtype)                             # [2, 1]
             coef = lam / (pairs.counts if counts is None else counts).clamp(min=1)   # [2, K]
-            return _affinity_loss(logits, lab, pairs, self.kernel_sizes, self.margin,
+            return _affinity_loss(logits, pairs, self.kernel_sizes, self.margin,
                                   coef[..., None].expand(2, len(self.kernel_sizes), self.num_classes))
 
 
@@ -581,7 +600,7 @@ class AdaptiveAffinityFieldLoss(nn.Module):
             # Eq. (10): the weight of the centre's class, over each size's element count.
             n = (pairs.counts if counts is None else counts).clamp(min=1)       # [2, K]
             coef = torch.stack([w_edge.t(), w_nonedge.t()]).to(logits.dtype) / n[..., None]   # [2, K, C]
-            return _affinity_loss(logits, lab, pairs, self.kernel_sizes, self.margin, coef)
+            return _affinity_loss(logits, pairs, self.kernel_sizes, self.margin, coef)
 
     @torch.no_grad()
     def kernel_size_per_class(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1096,6 +1096,41 @@ def test_affinity_hand_written_backward_passes_gradcheck():
     assert torch.autograd.gradcheck(sums, (prob,), eps=1e-6, atol=1e-7)
 
 
+def test_the_modules_own_backward_passes_gradcheck():
+    """The autograd path the loss modules use (gradient computed with the sums, backward scales it),
+    against finite differences in float64: the logits of Affinity (3, 5) and of AAF (3, 5, 7), and
+    AAF's two weight-logit tensors (non-uniform), with ignored pixels and a label >= C."""
+    gen = torch.Generator().manual_seed(11)
+    B, C, h, w = 2, 4, 6, 7
+    logits = torch.randn(B, C, h, w, generator=gen, dtype=torch.float64).requires_grad_()
+    labels = torch.randint(0, C, (B, h, w), generator=gen)
+    labels[:, 2:4, 2:5] = 1
+    labels[0, 0, :3] = 255
+    labels[1, 5, 6] = C + 3
+    affinity = losses.AffinityFieldLoss(C, kernel_sizes=(3, 5)).double()
+    assert torch.autograd.gradcheck(lambda x: affinity(x, labels), (logits,), eps=1e-6, atol=1e-7)
+    aaf = losses.AdaptiveAffinityFieldLoss(C, kernel_sizes=(3, 5, 7)).double()
+    edge = torch.randn(C, 3, generator=gen, dtype=torch.float64).requires_grad_()
+    nonedge = torch.randn(C, 3, generator=gen, dtype=torch.float64).requires_grad_()
+
+    def aaf_loss(x, e, n):
+        return torch.func.functional_call(aaf, {"edge_logits": e, "nonedge_logits": n}, (x, labels))
+
+    assert torch.autograd.gradcheck(aaf_loss, (logits, edge, nonedge), eps=1e-6, atol=1e-7)
+
+
+def test_double_backward_through_the_affinity_losses_is_an_error_not_zero():
+    """The backward is first-order only; a gradient penalty (create_graph=True) must fail loudly
+    rather than differentiate a constant."""
+    logits = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 3, (2, 5, 6))
+    for loss in (losses.AffinityFieldLoss(3).double(), losses.AdaptiveAffinityFieldLoss(3).double()):
+        with pytest.raises(RuntimeError, match="first-order gradients only"):
+            torch.autograd.grad(loss(logits, labels), logits, create_graph=True)
+        (grad,) = torch.autograd.grad(loss(logits, labels), logits)     # first order: fine
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
 def test_downsample_labels_picks_stride_8_for_sides_not_multiple_of_8():
     """A stride-8 network gives ceil(H/8) logits for any H; label pixel (8i, 8j) belongs to logit (i, j)."""
     for H, W in [(17, 23), (41, 50), (55, 33), (57, 60), (9, 31)]:
