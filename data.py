@@ -853,6 +853,11 @@ def read_classes_file(path: Path) -> FolderClasses:
                 raise DatasetError(f"{where}: ignore value {tokens[0]} is outside 0..255")
             ignore.append(int(tokens[0]))
             continue
+        if tokens[0].lstrip("-").isdigit() and not all(t.lstrip("-").isdigit() for t in tokens):
+            # "1 person" (an id before the name, as some toolboxes write): the value is the line's
+            # position here, so reading the id as part of the name would shift every class.
+            raise DatasetError(f"{where}: a class line starts with its name, not with a number (line k of "
+                               f"the file is label value k); {usage}")
         numbers = 0  # trailing integer tokens: none (a name alone) or exactly three (a colour)
         while numbers < len(tokens) and tokens[-1 - numbers].lstrip("-").isdigit():
             numbers += 1

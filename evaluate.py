@@ -749,7 +749,16 @@ def evaluate_predictions(pred_dir: str | os.PathLike, dataset, dataset_name: str
             path = folder / f"{name}.png"
             if not path.is_file():
                 raise FileNotFoundError(f"no prediction for {name}: {path} is missing")
-            return path, compact_labels(data.read_label(path))
+            pred = compact_labels(data.read_label(path))
+            # Class ids 0..C-1, or 255 for "no prediction" (a miss). Any other value is another
+            # encoding (e.g. Cityscapes label ids), which would be scored as misses without a word.
+            odd = (pred >= info.num_classes) & (pred != data.IGNORE_INDEX) | (pred < 0)
+            if odd.any():
+                raise ValueError(f"{path} holds the value {int(pred[odd].flat[0])}, neither a class id of "
+                                 f"{dataset_name} (0..{info.num_classes - 1}) nor 255 (no prediction)"
+                                 + ("; are these Cityscapes label ids? then pass --pred-format cityscapes"
+                                    if dataset_name == "cityscapes" else ""))
+            return path, pred
         found = by_prefix.get(name, [])
         if not found:
             raise FileNotFoundError(f"no prediction for {name}: no {name}*.png under {pred_dir}")

@@ -682,6 +682,7 @@ def test_folder_reads_classes_labels_and_instances(tmp_path: Path) -> None:
     ("bg\nroad 300 0 0\n", r"line 2 \('road 300 0 0'\): expected"),
     ("bg\n1 2 3\n", r"line 2 \('1 2 3'\): expected"),
     ("bg\nclass 1\n", r"line 2 \('class 1'\): expected"),
+    ("0 background\n1 person\n", r"line 1 \('0 background'\): a class line starts with its name"),
     ("\n# comment\nbg\nfg\nbg 1 1 1\n", r"line 5 \('bg 1 1 1'\): class 'bg' is listed twice"),
     ("only\n255 ignore\n", r"found 1 class line\(s\); expected 2\.\.255"),
     ("bg\nfg\n1 ignore\n", r"ignore value 1 is the label value of class 'fg'"),

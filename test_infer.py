@@ -500,6 +500,28 @@ def test_pred_dir_png_of_the_wrong_size_is_named(tmp_path: Path):
         evaluate.main(evaluate.get_args_parser().parse_args(
             ["--pred-dir", str(tmp_path), "--dataset", "synthetic", "--length", "1", "--workers", "0"]))
 
+
+def test_pred_dir_values_that_are_no_class_id_are_refused_not_scored_as_misses(tmp_path: Path):
+    """A palette PNG holding e.g. Cityscapes label ids (7, 8, 11, ...) instead of class ids would
+    count as misses with exit 0; 255 (no prediction) stays a plain miss."""
+    import evaluate
+    import data
+
+    sample = data.build_dataset("synthetic", None, "val", train=False, length=1)[0]
+    height, width = sample["label"].shape
+    pred = np.zeros((height, width), np.uint8)
+    pred[:4] = 255                                      # "no prediction": allowed, a miss
+    data.save_label_png(tmp_path / f"{sample['name']}.png", pred, data.dataset_info("synthetic").palette)
+    argv = ["--pred-dir", str(tmp_path), "--dataset", "synthetic", "--length", "1", "--workers", "0",
+            "--json", str(tmp_path / "r.json")]
+    result = evaluate.main(evaluate.get_args_parser().parse_args(argv))
+    assert np.asarray(result["confusion"]).shape[1] == 9  # the extra "no class" column holds the 255s
+    pred[10:12] = 33                                    # 8 classes: 33 is no class id
+    data.save_label_png(tmp_path / f"{sample['name']}.png", pred, data.dataset_info("synthetic").palette)
+    with pytest.raises(ValueError, match=rf"{sample['name']}\.png holds the value 33, neither a class id"):
+        evaluate.main(evaluate.get_args_parser().parse_args(argv))
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--stride", "0"], "--stride 0 must be in 1..crop size"),
     (["--crop-size", "0"], "--crop-size 0 must be >= 1"),

@@ -329,6 +329,15 @@ def test_tensorboard_after_resume_holds_each_step_once(tmp_path):
     assert lr[-1][1] == pytest.approx(train.poly_lr(data.dataset_info("synthetic").lr, 3, 4), rel=1e-6)
 
 
+def test_overwrite_also_clears_the_old_runs_tensorboard_events(tmp_path):
+    out = tmp_path / "run"
+    common = ["--crop-size", "48", "--batch-size", "2", "--log-every", "1", "--loss", "ce", "--no-eval",
+              "--out", str(out), "--tensorboard"]
+    train_main(*common, "--iters", "4")
+    train_main(*common, "--iters", "2", "--overwrite")       # a new, shorter run in the same folder
+    assert [e.step for e in read_events(out / "tensorboard").Scalars("lr")] == [1, 2]
+
+
 def test_tensorboard_without_the_package_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import raises ImportError
     with pytest.raises(SystemExit, match="pip install tensorboard"):

@@ -40,6 +40,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -79,6 +80,7 @@ GAN_ACCUM_REFUSAL = ("--loss gan cannot use --accum-steps > 1: its alternating s
                      "memory accumulation saves")
 # Files written atomically into the run folder; a kill -9 mid-write leaves `.<name>.<random>.tmp`.
 ATOMIC_FILES = ("last.pt", "model.pt", "log.jsonl", "args.json")
+TENSORBOARD_DIR = "tensorboard"  # <out>/tensorboard: the events of --tensorboard
 MAX_DEFAULT_WORKERS = 16  # beyond this, more loader processes mostly add memory (each holds a prefetch queue)
 
 
@@ -191,8 +193,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", default=None, metavar="CKPT",
                    help="continue an interrupted run exactly from its last.pt (pass the run's other flags again)")
     g.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an --out folder that holds a run (its last.pt, model.pt and "
-                        "log.jsonl are deleted); without it such a folder is refused")
+                   help="start afresh in an --out folder that holds a run (its last.pt, model.pt, log.jsonl "
+                        "and tensorboard/ are deleted); without it such a folder is refused")
     g.add_argument("--init", default=None, metavar="CKPT",
                    help="start from a checkpoint's weights (network, and AAF weights / discriminator when the "
                         "checkpoint has them); optimizer, step and schedule start afresh (VOC stage 2)")
@@ -1090,7 +1092,7 @@ def prepare_run_folder(args: argparse.Namespace, out: Path, start: int, world_si
 
     - temporary files of atomic writes that a kill -9 interrupted are removed;
     - a new run (check_run_folder let it in: the folder held no run, or --overwrite): an old
-      run's checkpoints go and the log starts empty;
+      run's checkpoints and TensorBoard events go and the log starts empty;
     - resume in the run's folder: log.jsonl keeps its records up to the resumed step only (the
       ones after it are redone), rewritten atomically, so after any number of kills each step is
       logged once;
@@ -1105,6 +1107,8 @@ def prepare_run_folder(args: argparse.Namespace, out: Path, start: int, world_si
     if not continues_in_place(args, out):
         for name in ("last.pt", "model.pt"):
             (out / name).unlink(missing_ok=True)
+        # The old run's TensorBoard events too: a new writer would add its curves to theirs.
+        shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
     elif log_path.is_file():
         for line in log_path.read_text().splitlines():
             try:
@@ -1158,7 +1162,7 @@ def open_tensorboard(out: Path, start: int):
         from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
     except ImportError:
         raise SystemExit("train.py: --tensorboard needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=start + 1 if start else None)
+    return SummaryWriter(log_dir=str(out / TENSORBOARD_DIR), purge_step=start + 1 if start else None)
 
 
 def tensorboard_record(writer, record: dict, info: data.DatasetInfo) -> None:
