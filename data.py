@@ -757,10 +757,15 @@ def _voc_records(info: DatasetInfo, root: Path, split: str) -> list[Record]:
     return _instances_all_or_none(info, voc, split, records)
 
 
-def image_name(path: str | os.PathLike) -> str:
-    """The sample name of an image file as the data sets name it (file stem; Cityscapes' `_leftImg8bit`
-    suffix dropped), so label PNGs written by infer.py are found by `evaluate.py --pred-dir`."""
-    return Path(path).stem.removesuffix("_leftImg8bit")
+def image_name(path: str | os.PathLike, root: str | os.PathLike | None = None, dataset: str | None = None) -> str:
+    """The sample name of an image file as the data sets name it, so that label PNGs written by
+    infer.py are found by `evaluate.py --pred-dir`: the file stem (Cityscapes' `_leftImg8bit`
+    suffix dropped); for the folder data set, whose sub-folders may reuse file names, the path
+    below `root` (the split folder) without the suffix, e.g. 'street/0001' (as `_files_by_name`)."""
+    path = Path(path)
+    if dataset == "folder" and root is not None and Path(root).is_dir():
+        return path.relative_to(root).with_suffix("").as_posix()
+    return path.stem.removesuffix("_leftImg8bit")
 
 
 def _cityscapes_records(info: DatasetInfo, root: Path, split: str) -> list[Record]:

@@ -368,7 +368,8 @@ def main(args: argparse.Namespace) -> None:
     images = list_images(Path(args.input))
     if args.image_list:
         images = read_image_list(Path(args.image_list), images)
-    targets = [prediction_path(out, args.format, data.image_name(path), path) for path in images]
+    names = [data.image_name(path, args.input, dataset_name) for path in images]
+    targets = [prediction_path(out, args.format, name, path) for name, path in zip(names, images)]
     clashes = len(targets) - len(set(targets))
     if clashes:  # e.g. a.png beside a.jpg, or one name in two sub-folders
         raise SystemExit(f"infer.py: {clashes} image(s) under --input share a name with another, so their "
@@ -377,7 +378,7 @@ def main(args: argparse.Namespace) -> None:
     print(f"{len(images)} image(s), crop {crop_size} stride {stride}, scales {list(scales)}, flip {flip}, "
           f"--format {args.format} -> {out}", file=sys.stderr)
     start = last_print = time.perf_counter()
-    for done, (path, target) in enumerate(zip(images, targets), 1):
+    for done, (path, name, target) in enumerate(zip(images, names, targets), 1):
         rgb = data.read_image(path)  # [H, W, 3] uint8
         image = torch.from_numpy(data.normalize(rgb, info.mean, info.std))  # [3, H, W] float32
         probs = predict(model, image, crop_size, stride, scales=scales, flip=flip)
@@ -386,8 +387,9 @@ def main(args: argparse.Namespace) -> None:
         label = probs.argmax(dim=0).to(torch.uint8).cpu().numpy()  # [H, W] class (train) ids
         write_prediction(target, label, args.format, palette)
         if overlays is not None:
-            overlays.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(overlay(rgb, label, palette)).save(overlays / f"{data.image_name(path)}_overlay.png")
+            overlay_path = overlays / f"{name}_overlay.png"
+            overlay_path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(overlay(rgb, label, palette)).save(overlay_path)
         now = time.perf_counter()
         if now - last_print > PROGRESS_EVERY_S or done == len(images):
             print(f"{evaluate.progress_line(done, len(images), start)}  {path} -> {target}",

@@ -87,6 +87,33 @@ def test_binary_folder_trains_evaluates_and_predicts(tmp_path: Path) -> None:
     assert scored["instance_counting"] == "one instance per present class (no instance maps)"
 
 
+def test_sub_folders_with_equal_file_names_round_trip_through_infer_and_pred_dir(tmp_path: Path) -> None:
+    """A folder set may reuse a file name in two sub-folders (sample names a/x, b/x): infer.py names
+    its outputs the same way, so --pred-dir scores them as the model scores itself."""
+    root, out = tmp_path / "mydata", tmp_path / "run"
+    make_binary_folder(root)
+    for kind in ("images", "labels", "instances"):
+        val = root / kind / "val"
+        for source, folder in (("val0.png", "a"), ("val1.png", "b")):
+            (val / folder).mkdir()
+            (val / source).rename(val / folder / "same.png")
+    result = train.main(train.get_args_parser().parse_args([
+        "--dataset", "folder", "--data-root", str(root), "--loss", "ce", "--backbone", "tiny", "--pretrained",
+        "none", "--crop-size", "32", "--batch-size", "2", "--iters", "2", "--no-eval", "--out", str(out)]))
+    window = ["--crop-size", "48", "--stride", "32"]
+    from_model = evaluate.main(evaluate.get_args_parser().parse_args([
+        "--ckpt", result["checkpoint"], "--data-root", str(root), "--workers", "0", "--device", "cpu", *window]))
+    preds = tmp_path / "preds"
+    infer.main(infer.get_args_parser().parse_args([
+        "--ckpt", result["checkpoint"], "--input", str(root / "images" / "val"), "--out", str(preds),
+        "--device", "cpu", *window]))
+    assert sorted(p.relative_to(preds).as_posix() for p in preds.rglob("*.png")) == [
+        "a/same.png", "a/same_overlay.png", "b/same.png", "b/same_overlay.png"]
+    from_pngs = evaluate.main(evaluate.get_args_parser().parse_args([
+        "--pred-dir", str(preds), "--dataset", "folder", "--data-root", str(root), "--workers", "0"]))
+    assert from_pngs["confusion"] == from_model["confusion"]
+
+
 def test_folder_runs_refuse_a_missing_val_split_up_front(tmp_path: Path) -> None:
     root = tmp_path / "mydata"
     make_binary_folder(root)
