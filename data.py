@@ -264,6 +264,17 @@ FOLDER_DEFAULTS_TEXT = (  # for --help
 DATASET_NAMES = (*DATASETS, "folder")  # what --dataset accepts
 
 
+def per_dataset_text(field: str) -> str:
+    """'voc 480, cityscapes 720, ...': one DatasetInfo field per data set, for the scripts' --help."""
+    def text(value) -> str:
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, tuple):
+            return " ".join(f"{v:g}" for v in value)
+        return f"{value:g}" if isinstance(value, float) else str(value)
+    return ", ".join(f"{name} {text(getattr(info, field))}" for name, info in DATASETS.items())
+
+
 def dataset_info(name: str, root: str | os.PathLike | None = None, meta: dict | None = None) -> DatasetInfo:
     """The `DatasetInfo` of `name`, or a clear error listing the known names.
 
@@ -653,10 +664,9 @@ def _checked_root(info: DatasetInfo, root: str | os.PathLike | None) -> Path:
 
 def _layout_error(info: DatasetInfo, root: Path | None, problem: str) -> DatasetError:
     download = f" Download: {info.download}" if info.download else ""
-    return DatasetError(
-        f"{info.name} data set at {root} is missing or incomplete: {problem}. Expected layout: {info.layout}."
-        + download
-    )
+    where = f"data set at {root} is missing or incomplete: {problem}" if root is not None else \
+        "data set needs its folder: pass --data-root DIR"
+    return DatasetError(f"{info.name} {where}. Expected layout: {info.layout}." + download)
 
 
 def _read_list(path: Path) -> list[str]:

@@ -883,17 +883,6 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _per_dataset(field: str) -> str:
-    """'voc 480, cityscapes 720, ...' for --help: a DatasetInfo field per data set."""
-    def text(value: Any) -> str:
-        if isinstance(value, bool):
-            return "on" if value else "off"
-        if isinstance(value, tuple):
-            return " ".join(f"{v:g}" for v in value)
-        return str(value)
-    return ", ".join(f"{name} {text(getattr(info, field))}" for name, info in data.DATASETS.items())
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", help="checkpoint of train.py to predict with (no default: give --ckpt or --pred-dir)")
@@ -909,19 +898,19 @@ def get_args_parser() -> argparse.ArgumentParser:
                                           f"{data.FOLDER_DEFAULTS.eval_crop} stride {data.FOLDER_DEFAULTS.eval_stride})")
     parser.add_argument("--data-root", help="data set folder (default: none; not needed for synthetic)")
     parser.add_argument("--split", help=f"split to score (default: the data set's validation split: "
-                                        f"{_per_dataset('val_split')})")
+                                        f"{data.per_dataset_text('val_split')})")
     parser.add_argument("--metric", default="miou", choices=["miou", "instance", "boundary", "all", "kernels"],
                         help="mIoU, instance-wise mIoU, boundary P/R/F, all three, or the learned AAF field "
                              "sizes of --ckpt (paper Fig. 3) (default: miou)")
     parser.add_argument("--scales", type=float, nargs="+",
-                        help=f"test scales (default: the data set's: {_per_dataset('eval_scales')})")
+                        help=f"test scales (default: the data set's: {data.per_dataset_text('eval_scales')})")
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                        help=f"also predict the mirrored image (default: the data set's: {_per_dataset('eval_flip')})")
+                        help=f"also predict the mirrored image (default: the data set's: {data.per_dataset_text('eval_flip')})")
     parser.add_argument("--crop-size", type=int,
-                        help=f"sliding-window size in pixels, >= 1 (default: the data set's: {_per_dataset('eval_crop')})")
+                        help=f"sliding-window size in pixels, >= 1 (default: the data set's: {data.per_dataset_text('eval_crop')})")
     parser.add_argument("--stride", type=int,
                         help=f"sliding-window stride in pixels, 1..crop size (default: the data set's: "
-                             f"{_per_dataset('eval_stride')})")
+                             f"{data.per_dataset_text('eval_stride')})")
     parser.add_argument("--max-dist", type=float, default=DEFAULT_MAX_DIST,
                         help=f"boundary tolerance as a fraction of the image diagonal, in [0, 1) "
                              f"(default: {DEFAULT_MAX_DIST}, the BSDS value)")
@@ -960,6 +949,9 @@ def check_args(args: argparse.Namespace) -> None:
     problems += crf.arg_problems(args)
     if args.crf and args.pred_dir is not None:
         problems.append("--crf refines a model's probabilities: it needs --ckpt, not --pred-dir (label PNGs)")
+    if args.ckpt is not None and args.pred_format != "auto":
+        problems.append(f"--pred-format {args.pred_format} describes a --pred-dir folder; with --ckpt the model "
+                        "predicts (write a layout with infer.py --format)")
     if args.pred_dir is not None:  # prediction settings would be silently ignored on saved PNGs
         given = [flag for flag, value in (("--scales", args.scales), ("--flip", args.flip),
                                           ("--crop-size", args.crop_size), ("--stride", args.stride),
@@ -976,13 +968,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.metric == "kernels":
         return print_kernels(args)
     if (args.ckpt is None) == (args.pred_dir is None):
-        raise SystemExit("give exactly one of --ckpt (predict with a model) and --pred-dir (score saved PNGs)")
+        raise SystemExit("evaluate.py: give exactly one of --ckpt (predict with a model) and --pred-dir "
+                         "(score saved PNGs)")
     model, ckpt = None, None
     if args.ckpt is not None:
-        model, ckpt, dataset_name, info = infer.load_for_inference(args.ckpt, args.dataset, args.device, args.data_root)
+        model, ckpt, dataset_name, info = infer.load_for_inference(args.ckpt, args.dataset, args.device, args.data_root,
+                                                                           prog="evaluate.py")
     else:
         if args.dataset is None:
-            raise SystemExit("--dataset is needed with --pred-dir")
+            raise SystemExit("evaluate.py: --dataset is needed with --pred-dir")
         dataset_name = args.dataset
         info = data.dataset_info(dataset_name, args.data_root)
     split = args.split or info.val_split

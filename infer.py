@@ -26,8 +26,8 @@ layouts (`--format`), each of which `evaluate.py --pred-dir` reads back:
                 `<city>_<seq>_<frame>*.png` per ground-truth image and compares label ids;
                 submitting train ids scores nearly 0.
 
-    python infer.py --ckpt voc.pt --format voc --out submit/ --input VOCdevkit/VOC2012/JPEGImages
-                    --image-list VOCdevkit/VOC2012/ImageSets/Segmentation/test.txt   (one command)
+    python infer.py --ckpt voc.pt --format voc --out submit/ --input VOCdevkit/VOC2012/JPEGImages \
+                    --image-list VOCdevkit/VOC2012/ImageSets/Segmentation/test.txt
     python infer.py --ckpt cityscapes.pt --format cityscapes --input cityscapes/leftImg8bit/test --out submit/
 """
 from __future__ import annotations
@@ -197,8 +197,8 @@ def list_images(path: Path) -> list[Path]:
         images = sorted(p for p in path.rglob("*") if p.suffix.lower() in data.IMAGE_EXTENSIONS)
         if images:
             return images
-        raise SystemExit(f"no images ({', '.join(data.IMAGE_EXTENSIONS)}) in {path}")
-    raise SystemExit(f"--input {path} does not exist")
+        raise SystemExit(f"infer.py: no images ({', '.join(data.IMAGE_EXTENSIONS)}) in {path}")
+    raise SystemExit(f"infer.py: --input {path} does not exist")
 
 
 def overlay(rgb: np.ndarray, label: np.ndarray, palette, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
@@ -225,33 +225,39 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "--format palette, none for voc/cityscapes, whose folders must hold the "
                              "predictions only)")
     parser.add_argument("--dataset", help="data set whose palette/normalisation to use (default: the checkpoint's)")
-    parser.add_argument("--scales", type=float, nargs="+", help="test scales (default: the data set's)")
+    parser.add_argument("--scales", type=float, nargs="+",
+                        help=f"test scales (default: the data set's: {data.per_dataset_text('eval_scales')})")
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                        help="also predict the mirrored image (default: the data set's)")
-    parser.add_argument("--crop-size", type=int, help="sliding-window size (default: the data set's)")
-    parser.add_argument("--stride", type=int, help="sliding-window stride (default: the data set's)")
+                        help=f"also predict the mirrored image (default: the data set's: "
+                             f"{data.per_dataset_text('eval_flip')})")
+    parser.add_argument("--crop-size", type=int, help=f"sliding-window size in pixels (default: the data set's: "
+                                                      f"{data.per_dataset_text('eval_crop')})")
+    parser.add_argument("--stride", type=int, help=f"sliding-window stride in pixels (default: the data set's: "
+                                                   f"{data.per_dataset_text('eval_stride')})")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: cuda when a GPU is visible, else cpu)")
     crf.add_crf_args(parser)
     return parser
 
 
-def load_for_inference(ckpt_path: str, dataset: str | None, device: str, data_root: str | None = None):
+def load_for_inference(ckpt_path: str, dataset: str | None, device: str, data_root: str | None = None,
+                       prog: str = "infer.py"):
     """(model, ckpt, dataset name, DatasetInfo) for a checkpoint; a bad file or a data set whose
-    class count differs from the checkpoint's is a one-line SystemExit (used by evaluate.py too).
-    A folder data set's classes come from `data_root` when given, else from the checkpoint."""
+    class count differs from the checkpoint's is a one-line SystemExit starting with `prog` (used
+    by evaluate.py and plot.py too). A folder data set's classes come from `data_root` when
+    given, else from the checkpoint."""
     import model as model_lib  # loading checkpoints belongs to the model stage
 
     try:
         model, ckpt = model_lib.load_checkpoint(ckpt_path, map_location=device)
     except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(str(error)) from None
+        raise SystemExit(f"{prog}: {error}") from None
     dataset_name = dataset or ckpt["meta"].get("dataset")
     if dataset_name is None:
-        raise SystemExit("--dataset is needed (the checkpoint does not name its data set)")
+        raise SystemExit(f"{prog}: --dataset is needed (the checkpoint does not name its data set)")
     info = data.dataset_info(dataset_name, data_root, meta=ckpt["meta"])
     if info.num_classes != ckpt["meta"]["num_classes"]:
-        raise SystemExit(f"{ckpt_path} predicts {ckpt['meta']['num_classes']} classes but {dataset_name} "
+        raise SystemExit(f"{prog}: {ckpt_path} predicts {ckpt['meta']['num_classes']} classes but {dataset_name} "
                          f"has {info.num_classes}")
     return model, ckpt, dataset_name, info
 

@@ -414,7 +414,7 @@ def predict_samples(ckpt_path: str, dataset, dataset_name: str, indices: Sequenc
     import infer
     import torch
 
-    model, _, _, info = infer.load_for_inference(ckpt_path, dataset_name, device, data_root)
+    model, _, _, info = infer.load_for_inference(ckpt_path, dataset_name, device, data_root, prog="plot.py")
     scales = tuple(scales or info.eval_scales)
     flip = info.eval_flip if flip is None else flip
     preds = []

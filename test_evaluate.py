@@ -524,6 +524,12 @@ def test_prediction_flags_with_pred_dir_are_refused_not_ignored(tmp_path: Path, 
     assert "\n" not in str(info.value)
 
 
+def test_a_pred_format_beside_ckpt_is_refused_not_ignored(tmp_path: Path):
+    args = evaluate.get_args_parser().parse_args(["--ckpt", str(tmp_path / "any.pt"), "--pred-format", "voc"])
+    with pytest.raises(SystemExit, match=r"--pred-format voc describes a --pred-dir folder"):
+        evaluate.main(args)
+
+
 def test_a_stride_beyond_the_crop_is_refused_and_none_means_the_data_sets_window():
     info = pytest.importorskip("data").dataset_info("synthetic")
     assert infer.resolve_window(None, None, info) == (info.eval_crop, info.eval_stride)

@@ -119,7 +119,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-split", default=None,
                    help="training split (dataset default, e.g. VOC train_aug; VOC stage 2: train)")
     g.add_argument("--crop-size", type=int, default=None,
-                   help="square training crop, a multiple of 8 (dataset default: VOC 336, Cityscapes 720)")
+                   help=f"square training crop, a multiple of 8 (dataset default: {data.per_dataset_text('crop_size')})")
     g.add_argument("--train-length", type=int, default=None, metavar="N",
                    help="train on the first N samples only (quick runs and tests; default: all)")
     g.add_argument("--workers", type=int, default=None,
@@ -142,33 +142,30 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="projection added to cross-entropy: ce (none), affinity (Eq. 7), aaf (Eqs. 8-10), "
                         "random (Eq. 4), gan (Eqs. 5-6), embedding (contrastive on features) (default: aaf)")
     g.add_argument("--lambda", dest="loss_lambda", type=float, default=None,
-                   help="projection weight (default: dataset's, VOC 1.0, Cityscapes 0.6; random/gan 0.01)")
+                   help=f"projection weight (default: random/gan 0.01, else the data set's: "
+                        f"{data.per_dataset_text('loss_lambda')})")
     g.add_argument("--margin", type=float, default=None,
                    help="edge margin m (default: 3.0; embedding: the loss's own default)")
     g.add_argument("--kernel-sizes", type=int, nargs="+", default=None,
-                   help="field sizes (default: aaf dataset's, VOC 3 5; affinity 3; random 5; embedding 3)")
+                   help=f"field sizes (default: affinity 3; random 5; embedding 3; aaf the data set's: "
+                        f"{data.per_dataset_text('kernel_sizes')})")
     g.add_argument("--decay", action=argparse.BooleanOptionalAction, default=True,
                    help="multiply the projection term by 10^(-t/T) as the official code does (default: on)")
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--iters", type=int, default=None,
-                   help="training iterations (dataset default: VOC 30000, Cityscapes 90000)")
+                   help=f"training iterations (dataset default: {data.per_dataset_text('iters')}; VOC stage 2: 30000)")
     g.add_argument("--batch-size", type=int, default=None,
-                   help="global batch, split evenly across processes (dataset default: 8)")
+                   help=f"global batch per optimizer step, split evenly across processes (dataset default: "
+                        f"{data.per_dataset_text('batch_size')})")
     g.add_argument("--accum-steps", type=int, default=1, metavar="N",
-                   help="gradient accumulation for GPUs too small for --batch-size: each process's share of "
-                        "the batch runs as N equal micro-batches, one after another (forward and backward each, "
-                        "gradients of the network and the AAF weights added up), then one optimizer step and "
-                        "one poly-LR step; --batch-size stays the batch per optimizer step, so the data and "
-                        "--iters do not change. Every loss mean divides by the count of the whole batch, so "
-                        "a network without BatchNorm takes the same steps as with N = 1 (up to float "
-                        "rounding). With BatchNorm they differ: BN statistics (and running averages) come from "
-                        "each micro-batch alone, and PSPNet's pyramid BN needs >= 2 images per micro-batch in "
-                        "each BN call: --batch-size / N on GPU (SyncBatchNorm pools the processes), "
-                        "--batch-size / processes / N on CPU. Not with --loss gan (its discriminator step needs "
-                        "the whole batch's predictions at once). A resumed run keeps its N (default: 1)")
+                   help="gradient accumulation for GPUs too small for --batch-size: each process's batch runs "
+                        "as N micro-batches, then one optimizer step; every loss mean divides by the whole "
+                        "batch's count, so without BatchNorm the steps equal N = 1 (BN statistics are per "
+                        "micro-batch, and PSPNet's pyramid BN needs >= 2 images per micro-batch); not with "
+                        "--loss gan; README 'Small GPUs' (default: 1)")
     g.add_argument("--lr", type=float, default=None,
-                   help="base learning rate (dataset default: 1e-3; VOC stage 2: 1e-4)")
+                   help=f"base learning rate (dataset default: {data.per_dataset_text('lr')}; VOC stage 2: 1e-4)")
     g.add_argument("--head-lr-mult", type=float, default=10.0,
                    help="learning-rate multiplier of the head, PSP module and classifier (default: 10)")
     g.add_argument("--momentum", type=float, default=0.9,
