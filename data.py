@@ -345,7 +345,7 @@ def read_label(path: str | os.PathLike) -> np.ndarray:
     """
     try:
         with Image.open(path) as im:
-            if im.mode not in ("P", "L", "I", "I;16", "I;16B", "1"):
+            if im.mode not in ("P", "L", "I", "1", *_GREY16_MODES):
                 raise DatasetError(
                     f"{path}: label map has mode {im.mode}; expected a single-channel or "
                     f"palette PNG whose values are class ids"

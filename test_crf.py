@@ -22,6 +22,7 @@ import evaluate
 import infer
 import model as model_lib
 import synthetic
+from test_evaluate import tiny_checkpoint  # a tiny synthetic PSPNet checkpoint
 
 ROOT = Path(__file__).resolve().parent
 LEFT, RIGHT = (190, 60, 50), (50, 70, 180)  # the two colours of the edge images
@@ -178,19 +179,6 @@ def test_crf_with_pred_dir_is_refused(tmp_path: Path):
 # --------------------------------------------------------------------------------------------
 # End to end: --crf in evaluate.py and infer.py on a tiny network
 # --------------------------------------------------------------------------------------------
-def tiny_checkpoint(tmp_path: Path) -> Path:
-    info = data.dataset_info("synthetic")
-    torch.manual_seed(0)
-    net = model_lib.build_model("pspnet", info.num_classes, backbone="tiny")
-    with torch.no_grad():  # a classifier with some spread, so that several classes are predicted
-        net.classifier.weight.normal_(0, 1.0)
-    meta = {**net.meta, "class_names": list(info.class_names), "dataset": "synthetic", "loss": "ce",
-            "kernel_sizes": []}
-    path = tmp_path / "tiny.pt"
-    model_lib.save_checkpoint({"model": net.state_dict(), "meta": meta, "step": 0, "aaf": None}, path)
-    return path
-
-
 def test_evaluate_crf_end_to_end(tmp_path: Path, monkeypatch):
     ckpt = tiny_checkpoint(tmp_path)
     seen = []

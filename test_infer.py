@@ -129,7 +129,7 @@ def test_one_window_equals_plain_forward_upsampled():
 
 
 def test_one_window_equals_forward_with_the_tiny_network():
-    model_lib = pytest.importorskip("model", reason="model.py (build_model) not available yet")
+    import model as model_lib
     torch.manual_seed(0)
     net = model_lib.build_model("pspnet", 6, backbone="tiny").eval()
     image = torch.randn(3, 48, 40)
@@ -206,8 +206,8 @@ def test_predict_uses_eval_mode_and_restores_the_mode():
 
 
 def test_cli_writes_palette_labels_and_overlays(tmp_path: Path):
-    model_lib = pytest.importorskip("model", reason="model.py not available yet")
-    data = pytest.importorskip("data", reason="data.py not available yet")
+    import model as model_lib
+    import data
     from PIL import Image
 
     torch.manual_seed(0)
@@ -252,8 +252,8 @@ def voc_colour(index: int) -> tuple[int, int, int]:
 
 def save_tiny_checkpoint(path: Path, dataset: str, seed: int = 0) -> nn.Module:
     """An untrained tiny FCN for `dataset` with a spread-out classifier, so that many classes occur."""
-    model_lib = pytest.importorskip("model")
-    data = pytest.importorskip("data")
+    import model as model_lib
+    import data
     info = data.dataset_info(dataset)
     torch.manual_seed(seed)
     net = model_lib.build_model("fcn", info.num_classes, backbone="tiny")
@@ -270,7 +270,7 @@ WINDOW = ["--crop-size", "64", "--stride", "48"]
 
 
 def expected_labels(net: nn.Module, dataset: str, rgb: np.ndarray) -> np.ndarray:
-    data = pytest.importorskip("data")
+    import data
     info = data.dataset_info(dataset)
     image = torch.from_numpy(data.normalize(rgb, info.mean, info.std))
     return infer.predict(net, image, 64, 48).argmax(0).numpy()
@@ -491,7 +491,7 @@ def test_progress_line_with_eta_on_stderr(tmp_path: Path, capsys):
 def test_pred_dir_png_of_the_wrong_size_is_named(tmp_path: Path):
     import evaluate
 
-    data = pytest.importorskip("data")
+    import data
     sample = data.build_dataset("synthetic", None, "val", train=False, length=1)[0]
     height, width = sample["label"].shape
     data.save_label_png(tmp_path / f"{sample['name']}.png", np.zeros((height, width - 8), np.uint8),
@@ -530,8 +530,8 @@ def test_pred_dir_values_that_are_no_class_id_are_refused_not_scored_as_misses(t
 ])
 def test_cli_refuses_a_zero_window_instead_of_the_default(tmp_path: Path, flags, message):
     # Today `args.stride or info.eval_stride` silently turned 0 into the data set's stride.
-    model_lib = pytest.importorskip("model")
-    data = pytest.importorskip("data")
+    import model as model_lib
+    import data
     net = model_lib.build_model("fcn", 8, backbone="tiny")
     meta = {**net.meta, "class_names": list(data.dataset_info("synthetic").class_names),
             "dataset": "synthetic", "loss": "ce", "kernel_sizes": []}

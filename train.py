@@ -1124,7 +1124,7 @@ def prepare_run_folder(args: argparse.Namespace, out: Path, start: int, world_si
 
 # ----------------------------------------------------------------------------- logging
 
-def kernel_sizes_per_class(parts: Parts, info: data.DatasetInfo) -> dict[str, list[float]]:
+def kernel_sizes_per_class(parts: Parts) -> dict[str, list[float]]:
     """Paper Fig. 3: the AAF's current field size per class, sum_k w[c, k] * k."""
     edge, nonedge = parts.projection.kernel_size_per_class()
     return {"edge": [round(float(v), 3) for v in edge], "nonedge": [round(float(v), 3) for v in nonedge]}
@@ -1353,7 +1353,7 @@ def train(args: argparse.Namespace, info: data.DatasetInfo, dist: Dist, device: 
                           "images_per_s": (done - tic_step) * args.batch_size / elapsed,
                           "eta_s": elapsed / (done - tic_step) * (args.iters - done)}
                 if args.loss == "aaf":
-                    record["kernel_sizes"] = kernel_sizes_per_class(parts, info)
+                    record["kernel_sizes"] = kernel_sizes_per_class(parts)
                 log_progress(record, log_path, info)
                 tensorboard_record(writer, record, info)
             tic, tic_step = time.perf_counter(), done
