@@ -66,6 +66,26 @@ def run_dir(out: Path, name: str, method: str, seed: int) -> Path:
     return out / name / f"{method}_seed{seed}"
 
 
+def as_command(cmd: list[str]) -> str:
+    """A subprocess command as a user would type it: `python train.py ...`."""
+    return " ".join(["python", *[Path(c).name if c.endswith(".py") else c for c in cmd[1:]]])
+
+
+def score(name: str, folder: Path, json_path: Path, args: argparse.Namespace, *extra: str) -> dict:
+    """`evaluate.py --ckpt <folder>/model.pt --metric all` (+ `extra` flags) into `json_path`; the
+    results with the wall seconds and the command."""
+    data_root = ["--data-root", args.data_root] if args.data_root else []
+    cmd = [sys.executable, str(ROOT / "evaluate.py"), "--ckpt", str(folder / "model.pt"), "--metric", "all",
+           *data_root, *EXPERIMENTS[name]["eval"], *extra, "--json", str(json_path)]
+    print("$", " ".join(cmd), flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    result = json.loads(json_path.read_text())
+    result["eval_seconds"] = time.time() - t0
+    result["eval_command"] = as_command(cmd)
+    return result
+
+
 def run_one(name: str, method: str, seed: int, args: argparse.Namespace) -> dict:
     """Train and evaluate one (method, seed); reuse the results of a finished earlier run."""
     folder = run_dir(Path(args.out), name, method, seed)
@@ -96,16 +116,9 @@ def run_one(name: str, method: str, seed: int, args: argparse.Namespace) -> dict
         subprocess.run(train_cmd, check=True, cwd=ROOT)
         train_s += time.time() - t0
         timing.write_text(json.dumps(train_s))
-    eval_json = folder / "eval_all.json"
-    eval_cmd = [sys.executable, str(ROOT / "evaluate.py"), "--ckpt", str(folder / "model.pt"), "--metric", "all",
-                *common, *exp["eval"], "--json", str(eval_json)]
-    t0 = time.time()
-    print("$", " ".join(eval_cmd), flush=True)
-    subprocess.run(eval_cmd, check=True, cwd=ROOT)
-    result = json.loads(eval_json.read_text())
+    result = score(name, folder, folder / "eval_all.json", args)
     result["train_seconds"] = train_s
-    result["eval_seconds"] = time.time() - t0
-    result["train_command"] = " ".join(["python", *[Path(c).name if c.endswith(".py") else c for c in train_cmd[1:]]])
+    result["train_command"] = as_command(train_cmd)
     ckpt = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
     result["train_args"] = ckpt["args"]
     if method == "aaf":
@@ -126,17 +139,7 @@ def run_crf(name: str, seed: int, args: argparse.Namespace) -> dict:
     if not (folder / "model.pt").exists():
         raise SystemExit(f"{folder / 'model.pt'} is missing: run `python experiments.py run {name}` "
                          f"with --methods ce to train it")
-    exp = EXPERIMENTS[name]
-    common = ["--data-root", args.data_root] if args.data_root else []
-    eval_json = folder / "crf_all.json"
-    eval_cmd = [sys.executable, str(ROOT / "evaluate.py"), "--ckpt", str(folder / "model.pt"), "--metric", "all",
-                *common, *exp["eval"], "--crf", "--json", str(eval_json)]
-    t0 = time.time()
-    print("$", " ".join(eval_cmd), flush=True)
-    subprocess.run(eval_cmd, check=True, cwd=ROOT)
-    result = json.loads(eval_json.read_text())
-    result["eval_seconds"] = time.time() - t0
-    result["eval_command"] = " ".join(["python", *[Path(c).name if c.endswith(".py") else c for c in eval_cmd[1:]]])
+    result = score(name, folder, folder / "crf_all.json", args, "--crf")
     result_path.write_text(json.dumps(result, indent=1))
     return result
 
