@@ -1,6 +1,6 @@
 """Speed and memory measurements (never asserted in tests; figures go in the README).
 
-    python bench.py losses   # AAF vs cross-entropy vs a naive unfold layout (issue: losses)
+    python bench.py losses   # AAF vs cross-entropy vs a naive unfold layout
     python bench.py losses --before /tmp/losses_before.py   # ... and beside another losses.py
     python bench.py train    # time per training step, CE vs Affinity vs AAF
     python bench.py eval     # the boundary metric over 1449 VOC-sized pairs
@@ -299,7 +299,7 @@ def bench_train(args: argparse.Namespace) -> None:
             line += f"{100 * flops[loss] / seconds / peak_flops:>6.1f}%"
         print(line)
     print(f"AAF overhead over CE: {100 * (median['aaf'] / median['ce'] - 1):+.1f}% per iteration "
-          "(issue target <= 3% on GPU)")
+          "(goal on a GPU with PSPNet-ResNet-101: <= 3%)")
     if cuda:
         print(f"MFU = FlopCounterMode FLOPs of one iteration (forward + backward) / time / "
               f"{peak_flops / 1e12:.0f} TFLOP/s (H100 bf16 dense peak; target >= 35%)")
