@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -399,9 +400,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp_name):
             os.remove(tmp_name)
+        # A full disk or a quota shows up as OSError, or as torch.save's RuntimeError ("unexpected
+        # pos ..."): one error class that names the file (the old file is still intact).
+        if isinstance(error, (OSError, RuntimeError)):
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+            raise WriteError(f"cannot write {path}: {reason} (the disk may be full; the previous file "
+                             f"is unchanged)") from error
         raise
     # Persist the rename itself (the directory entry); not possible on every platform.
     try:
@@ -414,6 +421,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         pass
     finally:
         os.close(dir_fd)
+
+
+class WriteError(OSError):
+    """A file could not be written (disk full, no permission, ...); the previous file is intact."""
 
 
 class NonFiniteCheckpointError(ValueError):
@@ -483,6 +494,17 @@ def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def _damaged_member(path: str | os.PathLike) -> str | None:
+    """The first entry of a torch.save zip archive whose CRC-32 does not match its bytes (None:
+    all match, or the file is no zip archive, which torch.load then reports). torch.load itself
+    does not check the CRCs, so a flipped bit in a weight would load silently."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return None
+
+
 def load_checkpoint(path: str | os.PathLike, num_classes: int | None = None,
                     map_location: str | torch.device = "cpu") -> tuple[SegmentationModel, dict]:
     """Rebuild the model from `ckpt["meta"]` and load `ckpt["model"]` strictly.
@@ -490,8 +512,15 @@ def load_checkpoint(path: str | os.PathLike, num_classes: int | None = None,
     Returns `(model, ckpt)`; the model is on `map_location` and in eval mode (call `.train()`
     to fine-tune). `num_classes`, when given, must equal the checkpoint's.
     """
+    if os.path.isdir(path):
+        raise WeightsNotFoundError(f"{path} is a folder, not a checkpoint: give a file such as "
+                                   f"{Path(path) / 'model.pt'} or {Path(path) / 'last.pt'}")
     if not os.path.isfile(path):
         raise WeightsNotFoundError(f"checkpoint not found: {path}")
+    damaged = _damaged_member(path)
+    if damaged is not None:
+        raise WeightsError(f"{path} is damaged: {damaged} fails its checksum (a bit flip, or a copy cut "
+                           "short); use another copy or an earlier checkpoint")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
@@ -510,6 +539,11 @@ def load_checkpoint(path: str | os.PathLike, num_classes: int | None = None,
     if num_classes is not None and num_classes != meta["num_classes"]:
         raise WeightsError(f"{path} was trained for {meta['num_classes']} classes, "
                          f"but {num_classes} classes were requested")
+    bad = non_finite_entries(ckpt)  # written by another tool, or damaged without a checksum error
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise WeightsError(f"{path} holds non-finite values in {', '.join(bad[:3])}{more}: a model with "
+                           "them predicts nothing meaningful")
     model = build_model(meta["arch"], meta["num_classes"], meta["backbone"], pretrained=None)
     what = f"{meta['arch']}/{meta['backbone']} with {meta['num_classes']} classes ({path})"
     check_state_dict(model, ckpt["model"], what)

@@ -376,6 +376,34 @@ def test_load_checkpoint_clear_errors(tmp_path):
     assert "\n" not in str(info.value)
 
 
+def test_load_checkpoint_refuses_damaged_non_finite_and_folder_paths(tmp_path):
+    """What torch.load accepts silently: a flipped bit in a weight (the archive's CRC-32 catches it),
+    NaN weights written by another tool, and a run folder given for its checkpoint."""
+    _, ckpt = make_checkpoint(num_classes=5)
+    path = tmp_path / "c.pt"
+    save_checkpoint(ckpt, path)
+    raw = bytearray(path.read_bytes())
+    weight = ckpt["model"]["classifier.weight"].numpy().tobytes()
+    at = bytes(raw).index(weight)                      # the classifier's bytes inside the archive
+    raw[at + 5] ^= 0x40                                 # one bit of one float
+    flipped = tmp_path / "flipped.pt"
+    flipped.write_bytes(bytes(raw))
+    assert torch.load(flipped, weights_only=True)["step"] == 7   # torch itself does not notice
+    with pytest.raises(ValueError, match=r"flipped\.pt is damaged: .* fails its checksum") as info:
+        load_checkpoint(flipped)
+    assert "\n" not in str(info.value)
+
+    bad = {**ckpt, "model": {**ckpt["model"]}}
+    bad["model"]["classifier.weight"] = torch.full_like(ckpt["model"]["classifier.weight"], float("nan"))
+    nan_path = tmp_path / "nan.pt"
+    torch.save(bad, nan_path)                          # not through save_checkpoint, which refuses it
+    with pytest.raises(ValueError, match=r"nan\.pt holds non-finite values in model\.classifier\.weight"):
+        load_checkpoint(nan_path)
+
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path} is a folder, not a checkpoint: give a file such as"):
+        load_checkpoint(tmp_path)
+
+
 # --------------------------------------------------------------------------------------------
 # Pretrained backbones
 # --------------------------------------------------------------------------------------------

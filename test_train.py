@@ -334,8 +334,10 @@ def test_overwrite_also_clears_the_old_runs_tensorboard_events(tmp_path):
     common = ["--crop-size", "48", "--batch-size", "2", "--log-every", "1", "--loss", "ce", "--no-eval",
               "--out", str(out), "--tensorboard"]
     train_main(*common, "--iters", "4")
+    (out / "eval_synthetic_val_miou.json").write_text("{}")     # evaluate.py's result of the old model
     train_main(*common, "--iters", "2", "--overwrite")       # a new, shorter run in the same folder
     assert [e.step for e in read_events(out / "tensorboard").Scalars("lr")] == [1, 2]
+    assert not (out / "eval_synthetic_val_miou.json").exists()
 
 
 def test_tensorboard_without_the_package_says_what_to_install(tmp_path, monkeypatch):
@@ -448,10 +450,17 @@ def test_non_finite_weights_after_a_finite_step_stop_before_any_checkpoint(tmp_p
     ("--workers", "-1", "--workers -1 must be >= 0"),
     ("--out", "", "--out is empty"),
     ("--lr", "1e38", "--lr 1e+38 x --head-lr-mult 10 overflows float32"),
+    ("--seed", "-1", "--seed -1 must be in 0..2**32-1"),
+    ("--seed", str(2**64), f"--seed {2**64} must be in 0..2**32-1"),
+    ("--compile", "nosuchbackend", "--compile nosuchbackend: unknown torch.compile backend"),
+    ("--kernel-sizes", "3 3", "--kernel-sizes [3, 3]: a size is listed twice"),
+    ("--kernel-sizes", "3 257", "--kernel-sizes 257 pairs logits 128 apart, beyond the 16x16 logits of a 128-px crop"),
+    ("--out", __file__ + "/run", "is a file, not a folder"),
 ])
 def test_bad_flag_values_are_one_line_errors_not_defaults(flag, value, expected):
     with pytest.raises(SystemExit) as stop:
-        train.resolve_args(train.get_args_parser().parse_args([f"{flag}={value}"]))
+        train.resolve_args(train.get_args_parser().parse_args([flag, *value.split(" ")] if flag == "--kernel-sizes"
+                                                              else [f"{flag}={value}"]))
     message = str(stop.value)
     assert expected in message and "\n" not in message, message
 
@@ -501,6 +510,82 @@ def test_a_rerun_never_destroys_a_run(tmp_path):
     assert result["step"] == 4 and [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4]
     with pytest.raises(SystemExit, match="model.pt at step 4"):  # a finished run is protected too
         train_main(*run_args(tmp_path, *common))
+
+
+def test_a_second_start_into_a_folder_in_use_is_refused_and_the_lock_goes_with_the_run(tmp_path):
+    """Two train.py writing one folder would interleave their logs and checkpoints: while a start
+    holds the folder's lock (here: taken by hand, as a running train.py holds it), another is
+    refused; the lock ends with its holder and leaves nothing behind."""
+    out = tmp_path / "run"
+    holder = train.RunLock(out)
+    assert holder.refusal is None
+    with pytest.raises(SystemExit, match=rf"another train\.py \(pid {os.getpid()}\) is writing into {out}"):
+        train_main(*run_args(out, "--loss", "ce", "--iters", "2"))
+    assert not (out / "log.jsonl").exists()                       # the refused start wrote nothing
+    holder.release()
+    assert not out.exists()                                       # the holder created it and left it empty
+    train_main(*run_args(out, "--loss", "ce", "--iters", "2"))
+    assert (out / "model.pt").exists() and not (out / train.RunLock.NAME).exists()
+
+
+def test_ctrl_c_and_a_full_disk_end_in_one_line_naming_the_last_good_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_step = train.train_step
+
+    def interrupted(parts, images, labels, step, *rest, **kw):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real_step(parts, images, labels, step, *rest, **kw)
+
+    monkeypatch.setattr(train, "train_step", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        train_main(*run_args(out, "--loss", "ce", "--iters", "6", "--save-every", "2"))
+    assert str(stop.value) == (f"train.py: stopped by Ctrl-C; the last good checkpoint is {out / 'last.pt'} "
+                               f"(step 2; continue with --resume {out / 'last.pt'})")
+    monkeypatch.setattr(train, "train_step", real_step)
+
+    out = tmp_path / "full"
+    real_save, calls = torch.save, []
+
+    def disk_full(obj, f, *a, **kw):  # torch.save's own error when the disk fills mid-write
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("[enforce fail at inline_container.cc:671] . unexpected pos 1950592 vs 1950480")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(SystemExit) as stop:
+        train_main(*run_args(out, "--loss", "ce", "--iters", "6", "--save-every", "2"))
+    message = str(stop.value)
+    assert message.startswith(f"train.py: cannot write {out / 'last.pt'}: ") and "\n" not in message, message
+    assert f"the last good checkpoint is {out / 'last.pt'} (step 2" in message
+    assert load_checkpoint(out / "last.pt")[1]["step"] == 2 and not list(out.glob(".*.tmp"))
+
+
+def test_resume_refuses_a_training_set_of_another_size(tmp_path):
+    from test_folder import make_binary_folder
+
+    root, out = tmp_path / "mydata", tmp_path / "run"
+    make_binary_folder(root)                                      # 4 training images
+    common = ["--dataset", "folder", "--data-root", str(root), "--loss", "ce", "--backbone", "tiny", "--pretrained",
+              "none", "--crop-size", "32", "--batch-size", "2", "--iters", "4", "--save-every", "1", "--no-eval",
+              "--out", str(out)]
+    train_main(*common, "--stop-after", "1")
+    for kind in ("images", "labels"):
+        (root / kind / "train" / "train3.png").unlink()
+    with pytest.raises(SystemExit, match=r"trained on 4 train images, the data set now has 3"):
+        train_main(*common, "--resume", str(out / "last.pt"))
+
+
+def test_the_saved_model_is_announced_before_a_final_evaluation_that_fails(tmp_path, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise data.DatasetError("val label x.png: label values [7] are outside 0..7")
+
+    monkeypatch.setattr(train, "evaluate_after_training", broken)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="label values"):
+        train_main("--dataset", "synthetic", "--crop-size", "48", "--batch-size", "2", "--iters", "2", "--out", str(out))
+    assert f"train.py: wrote {out / 'model.pt'} (step 2)" in capsys.readouterr().out
 
 
 def test_resume_cleans_the_folder_and_args_json_describes_each_start(tmp_path):

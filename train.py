@@ -190,8 +190,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", default=None, metavar="CKPT",
                    help="continue an interrupted run exactly from its last.pt (pass the run's other flags again)")
     g.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an --out folder that holds a run (its last.pt, model.pt, log.jsonl "
-                        "and tensorboard/ are deleted); without it such a folder is refused")
+                   help="start afresh in an --out folder that holds a run (its last.pt, model.pt, log.jsonl, "
+                        "tensorboard/ and eval_*.json are deleted); without it such a folder is refused")
     g.add_argument("--init", default=None, metavar="CKPT",
                    help="start from a checkpoint's weights (network, and AAF weights / discriminator when the "
                         "checkpoint has them); optimizer, step and schedule start afresh (VOC stage 2)")
@@ -255,6 +255,13 @@ def given_value_problems(args: argparse.Namespace) -> list[str]:
             problems.append(f"--kill-at {args.kill_at}: expected RANK:STEP, e.g. 1:3")
     if args.device not in ("auto", "cpu", "cuda"):
         problems.append(f"--device {args.device}: expected auto, cpu or cuda")
+    if not 0 <= args.seed < 2**32:  # what numpy and torch's generators accept
+        problems.append(f"--seed {args.seed} must be in 0..2**32-1")
+    if getattr(args, "compile", None) is not None:
+        import torch._dynamo  # the list of backends; only when --compile is asked for
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if args.compile not in backends:
+            problems.append(f"--compile {args.compile}: unknown torch.compile backend (known: {', '.join(backends)})")
     return problems
 
 
@@ -333,6 +340,20 @@ def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, data.Dat
                         "or a state-dict file")
     if any(k < 3 or k % 2 == 0 for k in args.kernel_sizes):
         problems.append(f"--kernel-sizes {args.kernel_sizes}: each must be odd and >= 3 (k = 2s + 1)")
+    elif len(set(args.kernel_sizes)) != len(args.kernel_sizes):
+        problems.append(f"--kernel-sizes {args.kernel_sizes}: a size is listed twice")
+    elif args.crop_size > 0:
+        # A field of size k pairs logits s = (k - 1) / 2 apart: none exist when s reaches the side.
+        side = math.ceil(args.crop_size / stride)
+        far = [k for k in args.kernel_sizes if (k - 1) // 2 >= side]
+        if far:
+            problems.append(f"--kernel-sizes {far[0]} pairs logits {(far[0] - 1) // 2} apart, beyond the {side}x{side} "
+                            f"logits of a {args.crop_size}-px crop: its term would always be 0")
+    for folder in (Path(args.out), *Path(args.out).parents):  # the first existing one must be a folder
+        if folder.exists():
+            if not folder.is_dir():
+                problems.append(f"--out {args.out}: {folder} is a file, not a folder")
+            break
     if args.loss in ("random", "embedding") and len(args.kernel_sizes) != 1:
         problems.append(f"--loss {args.loss} takes one kernel size, got {args.kernel_sizes}")
     if args.loss in ("ce", "gan") and args.kernel_sizes:
@@ -982,7 +1003,7 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def checkpoint(parts: Parts, args: argparse.Namespace, info: data.DatasetInfo, step: int,
-               device: torch.device, world_size: int) -> dict:
+               device: torch.device, world_size: int, train_size: int | None = None) -> dict:
     """The layout model.load_checkpoint reads, plain types only (weights_only=True loads it)."""
     proj, key = parts.projection, ADVERSARY_KEYS.get(args.loss)
     return {
@@ -994,6 +1015,7 @@ def checkpoint(parts: Parts, args: argparse.Namespace, info: data.DatasetInfo, s
         "step": step,
         "args": vars(args),
         "world_size": world_size,
+        "train_size": train_size,  # a resume checks it: the data order depends on the set's size
         "optimizer": parts.optimizer.state_dict(),
         "aaf": proj.state_dict() if key == "aaf" else None,
         "aaf_optimizer": parts.projection_optimizer.state_dict() if key == "aaf" else None,
@@ -1003,8 +1025,10 @@ def checkpoint(parts: Parts, args: argparse.Namespace, info: data.DatasetInfo, s
     }
 
 
-def check_resume_args(args: argparse.Namespace, ckpt: dict, world_size: int, is_main: bool = True) -> None:
-    """A resumed run must follow the same trajectory: refuse changed settings up front."""
+def check_resume_args(args: argparse.Namespace, ckpt: dict, world_size: int, is_main: bool = True,
+                      train_size: int | None = None) -> None:
+    """A resumed run must follow the same trajectory: refuse changed settings, and a training set
+    of another size (its order depends on the size), up front."""
     # A setting missing from the checkpoint predates it: it had the value of TRAJECTORY_DEFAULTS
     # (accum_steps: 1), or for the others (e.g. amp, added later) there is nothing to compare.
     saved = {**TRAJECTORY_DEFAULTS, **ckpt.get("args", {})}
@@ -1013,6 +1037,10 @@ def check_resume_args(args: argparse.Namespace, ckpt: dict, world_size: int, is_
     if changed:
         raise SystemExit(f"train.py: --resume {args.resume} was written with other settings; pass the "
                          "original run's flags (" + "; ".join(changed) + ")")
+    if train_size is not None and ckpt.get("train_size", train_size) != train_size:
+        raise SystemExit(f"train.py: --resume {args.resume} trained on {ckpt['train_size']} {args.train_split} "
+                         f"images, the data set now has {train_size}: the data order would differ from the "
+                         "interrupted run (restore the data set, or start a new run with --init)")
     if ckpt.get("world_size", world_size) != world_size and is_main:
         print(f"train.py: warning: resuming on {world_size} processes, the checkpoint ran on "
               f"{ckpt['world_size']}: the data order differs from an uninterrupted run", file=sys.stderr)
@@ -1069,6 +1097,49 @@ def continues_in_place(args: argparse.Namespace, out: Path) -> bool:
     return args.resume is not None and Path(args.resume).resolve().parent == out.resolve()
 
 
+class RunLock:
+    """One train.py per run folder: an exclusive flock on <out>/.train.lock, taken before the
+    folder is looked at and held until the process ends. The kernel drops a flock when its process
+    dies, even by kill -9, so a crash leaves no stale lock; a second start into the folder meanwhile
+    is refused (`refusal`) instead of interleaving its log and checkpoints with the first's.
+    Without fcntl (not POSIX) there is no lock."""
+
+    NAME = ".train.lock"
+
+    def __init__(self, out: Path):
+        self.out, self.fd, self.refusal = out, None, None
+        self.created = not out.exists()   # remove the folder again if this start leaves it empty
+        try:
+            import fcntl
+        except ImportError:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / self.NAME, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            self.refusal = (f"train.py: another train.py (pid {holder}) is writing into {out} right now; "
+                            "wait for it to end or choose another --out")
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        (self.out / self.NAME).unlink(missing_ok=True)
+        os.close(self.fd)                 # drops the flock
+        self.fd = None
+        if self.created:
+            try:
+                self.out.rmdir()          # only if nothing was written into it
+            except OSError:
+                pass
+
+
 def check_run_folder(args: argparse.Namespace, out: Path) -> str | None:
     """Refusal message when starting would overwrite another run's files (None: go ahead)."""
     if continues_in_place(args, out) or args.overwrite:
@@ -1104,8 +1175,11 @@ def prepare_run_folder(args: argparse.Namespace, out: Path, start: int, world_si
     if not continues_in_place(args, out):
         for name in ("last.pt", "model.pt"):
             (out / name).unlink(missing_ok=True)
-        # The old run's TensorBoard events too: a new writer would add its curves to theirs.
+        # The old run's TensorBoard events and evaluate.py results too: a new writer would add its
+        # curves to theirs, and old scores would sit beside the new model.
         shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
+        for old in out.glob("eval_*.json"):
+            old.unlink()
     elif log_path.is_file():
         for line in log_path.read_text().splitlines():
             try:
@@ -1135,16 +1209,24 @@ def format_kernel_sizes(sizes: dict[str, list[float]], info: data.DatasetInfo) -
         f"{name} {e:.2f}/{n:.2f}" for name, e, n in zip(info.class_names, sizes["edge"], sizes["nonedge"]))
 
 
+def append_line(path: Path, line: str) -> None:
+    """One line more in log.jsonl; a full disk is a WriteError (one line), not a traceback."""
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as error:
+        raise model_lib.WriteError(f"cannot write {path}: {error.strerror or error}") from error
+
+
 def log_progress(record: dict, log_path: Path, info: data.DatasetInfo) -> None:
     """One progress line on stdout and the same record as a JSON line in log.jsonl."""
-    eta = datetime.timedelta(seconds=round(record["eta_s"]))
+    eta = datetime.timedelta(seconds=round(min(record["eta_s"], 1e9)))  # 1e9 s: ~31 years, timedelta's range
     terms = " ".join(f"{k} {v:.4f}" for k, v in record["loss"].items())
     print(f"step {record['step']}/{record['iters']} | {terms} | lr {record['lr']:.3g} | "
           f"{record['images_per_s']:.1f} img/s | eta {eta}", flush=True)
     if "kernel_sizes" in record:
         print("  " + format_kernel_sizes(record["kernel_sizes"], info), flush=True)
-    with open(log_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_line(log_path, json.dumps(record))
 
 
 # ----------------------------------------------------------------------------- TensorBoard (optional)
@@ -1212,15 +1294,16 @@ def main(args: argparse.Namespace) -> dict:
     args, info = resolve_args(args)
     dist, device = setup_distributed(args.device)
     out = Path(args.out)
+    lock = RunLock(out) if dist.is_main else None  # rank 0 writes the folder, so rank 0 holds it
     previous_handler = signal.signal(signal.SIGTERM, raise_terminated)
     try:
-        return train(args, info, dist, device)
+        return train(args, info, dist, device, lock)
     except BaseException as err:
         # From here on a SIGTERM (torchrun stopping the job after another rank died) must not cut
         # the report short: composing it reads last.pt, which takes a moment.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         failure = failure_line(err, dist, out)
-        if failure is None:  # a bug, or Ctrl-C: the traceback stays
+        if failure is None:  # a bug: the traceback stays
             raise
         message, every_rank = failure
     finally:
@@ -1229,14 +1312,16 @@ def main(args: argparse.Namespace) -> dict:
             cleanup_distributed()
         except RuntimeError:  # the process group may be broken already
             pass
+        if lock is not None:
+            lock.release()
         signal.signal(signal.SIGTERM, previous_handler)
     raise SystemExit(message if dist.is_main or every_rank else 1)
 
 
 def failure_line(err: BaseException, dist: Dist, out: Path) -> tuple[str, bool] | None:
     """(the one line a failed run ends with, whether every rank prints its own) for the project's
-    own input errors, a non-finite stop, SIGTERM and a lost torchrun peer; None for anything else
-    (a bug keeps its traceback)."""
+    own input errors, a non-finite stop, a failed write (disk full), Ctrl-C, SIGTERM and a lost
+    torchrun peer; None for anything else (a bug keeps its traceback)."""
     rank = f"rank {dist.rank}: " if dist.enabled else ""
     if isinstance(err, UnreadableSample):  # met by the one rank that loaded the sample
         return f"train.py: {rank}{err}", True
@@ -1244,6 +1329,10 @@ def failure_line(err: BaseException, dist: Dist, out: Path) -> tuple[str, bool] 
         return f"train.py: {err}", False
     if isinstance(err, NonFiniteError):  # raised on every rank at the same check (FiniteGuard reduces first)
         return f"train.py: {err}", False
+    if isinstance(err, model_lib.WriteError):  # a full disk while writing a checkpoint or the log
+        return f"train.py: {rank}{err}; {kept_checkpoint(out)}", True
+    if isinstance(err, KeyboardInterrupt):  # Ctrl-C: how most users stop a run; nothing is lost
+        return f"train.py: {rank}stopped by Ctrl-C; {kept_checkpoint(out)}", True
     if isinstance(err, Terminated):
         return (f"train.py: {rank}stopped by SIGTERM"
                 + (" (torchrun stops the job when one of its processes fails)" if dist.enabled else "")
@@ -1266,7 +1355,8 @@ def kept_checkpoint(out: Path, resumable: bool = True) -> str:
     return f"the last good checkpoint is {last} (step {step}{hint})"
 
 
-def train(args: argparse.Namespace, info: data.DatasetInfo, dist: Dist, device: torch.device) -> dict:
+def train(args: argparse.Namespace, info: data.DatasetInfo, dist: Dist, device: torch.device,
+          lock: RunLock | None = None) -> dict:
     if args.amp and device.type != "cuda" and dist.is_main:
         print("train.py: --amp is bf16 autocast on GPU; running in float32 on CPU", file=sys.stderr)
     if args.batch_size % dist.world_size:
@@ -1290,8 +1380,10 @@ def train(args: argparse.Namespace, info: data.DatasetInfo, dist: Dist, device: 
                          f"{f' in {args.accum_steps} micro-batches' if args.accum_steps > 1 else ''} "
                          f"on {dist.world_size} {device.type} process(es))")
     out = Path(args.out)
-    # Never destroy a run: rank 0 looks at the folder, every rank follows its verdict.
-    refusal = rank0_decides(check_run_folder(args, out) if dist.is_main else None, dist, device)
+    # Never destroy a run: rank 0, holding the folder's lock, looks at the folder; every rank
+    # follows its verdict.
+    verdict = ((lock.refusal if lock is not None else None) or check_run_folder(args, out)) if dist.is_main else None
+    refusal = rank0_decides(verdict, dist, device)
     if refusal:
         raise SystemExit(refusal if dist.is_main else 1)
     if device.type == "cuda":
@@ -1307,7 +1399,7 @@ def train(args: argparse.Namespace, info: data.DatasetInfo, dist: Dist, device: 
                                    length=args.train_length)
     resume = load_for_training(args.resume, info) if args.resume else None
     if resume is not None:
-        check_resume_args(args, resume, dist.world_size, dist.is_main)
+        check_resume_args(args, resume, dist.world_size, dist.is_main, train_size=len(train_set))
     init = load_for_training(args.init, info) if args.init else None
     try:
         parts = build_parts(args, info, device, dist, init=init)
@@ -1360,7 +1452,7 @@ def train(args: argparse.Namespace, info: data.DatasetInfo, dist: Dist, device: 
         if done % args.save_every == 0 and done < args.iters:
             stop_if_not_finite()
             if dist.is_main:
-                model_lib.save_checkpoint(checkpoint(parts, args, info, done, device, dist.world_size),
+                model_lib.save_checkpoint(checkpoint(parts, args, info, done, device, dist.world_size, len(train_set)),
                                           out / "last.pt")
 
     batches.close()  # ends the loader and its worker processes; the last iteration was checked (logged)
@@ -1372,7 +1464,8 @@ def train(args: argparse.Namespace, info: data.DatasetInfo, dist: Dist, device: 
         return {"out": str(out), "step": end, "checkpoint": None, "miou": None}
     final = out / "model.pt"
     if dist.is_main:  # the last log line above already showed the AAF field sizes
-        model_lib.save_checkpoint(checkpoint(parts, args, info, end, device, dist.world_size), final)
+        model_lib.save_checkpoint(checkpoint(parts, args, info, end, device, dist.world_size, len(train_set)), final)
+        print(f"train.py: wrote {final} (step {end})", flush=True)  # before the evaluation, which may fail
     # Evaluation runs on rank 0 alone after the group is gone, so no collective can time out.
     cleanup_distributed()
     miou = evaluate_after_training(parts.model_without_ddp, args, info, device, log_path, writer) \
@@ -1381,8 +1474,7 @@ def train(args: argparse.Namespace, info: data.DatasetInfo, dist: Dist, device: 
         writer.close()
     if dist.is_main:
         root = f" --data-root {args.data_root}" if args.data_root else ""
-        print(f"train.py: wrote {final} (step {end})\n"
-              f"  evaluate it with: python evaluate.py --ckpt {final} --metric all{root}", flush=True)
+        print(f"  evaluate it with: python evaluate.py --ckpt {final} --metric all{root}", flush=True)
         if args.loss == "aaf":
             print(f"  learned field sizes (Fig. 3): python evaluate.py --ckpt {final} --metric kernels", flush=True)
     return {"out": str(out), "step": end, "checkpoint": str(final), "miou": miou}
@@ -1407,8 +1499,7 @@ def evaluate_after_training(net: nn.Module, args: argparse.Namespace, info: data
                                       stride=info.eval_stride, device=device, progress=False)
     miou = float(results["miou"])
     print(f"train.py: {info.val_split} mIoU {100 * miou:.2f} (single scale, {len(val_set)} images)", flush=True)
-    with open(log_path, "a") as f:
-        f.write(json.dumps({"eval": info.val_split, "miou": miou}) + "\n")
+    append_line(log_path, json.dumps({"eval": info.val_split, "miou": miou}))
     if writer is not None:
         writer.add_scalar(f"{info.val_split}/miou", miou, args.iters)
         tensorboard_predictions(writer, net, val_set, info, args.iters, device)
