@@ -1088,7 +1088,8 @@ def describe_run(out: Path) -> str | None:
             found.append(f"{name} (unreadable)" if step is None else f"{name} at step {step}")
     log = out / "log.jsonl"
     if log.is_file() and log.stat().st_size > 0:
-        found.append(f"log.jsonl with {len(log.read_text().splitlines())} records")
+        records = len(log.read_text().splitlines())
+        found.append(f"log.jsonl with {records} record{'s' if records != 1 else ''}")
     return ", ".join(found) or None
 
 
