@@ -631,7 +631,7 @@ def bench_data(args: argparse.Namespace) -> None:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["losses", "train", "eval", "crf", "data"], help="which benchmark to run")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--repeats", type=int, default=10, help="timed repetitions per case (default 10)")
     parser.add_argument("--before", default="",
                         help="losses: also measure the losses of this other copy of losses.py, e.g. "

@@ -305,6 +305,32 @@ def dataset_info(name: str, root: str | os.PathLike | None = None, meta: dict | 
 _RGB_CONVERTIBLE_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "YCbCr")
 _GREY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
+# Pillow refuses to open an image of more than 2 x PIL.Image.MAX_IMAGE_PIXELS pixels (about 179
+# million by default; it warns above MAX_IMAGE_PIXELS), a guard against decompression bombs. The
+# limit is kept, for training data too: the paper's largest images have 2 million pixels
+# (Cityscapes 2048x1024, GTA5 1914x1052), and an image beyond the limit cannot be used whole
+# anyway: 179 million pixels are 0.5 GB as 8-bit RGB, 2 GB normalised to float32, 4x that after
+# training's 2.0 scale, and evaluation holds one float32 map of that size per class (14 GB for
+# Cityscapes' 19). Raising it would trade a clear refusal for an out-of-memory kill; tiles work.
+
+
+def _too_many_pixels(path: str | os.PathLike, what: str) -> DatasetError:
+    """The one-line error for a file beyond Pillow's pixel limit: its size, the limit, the remedy."""
+    limit = Image.MAX_IMAGE_PIXELS
+    saved = limit
+    try:  # the header alone gives the size; the check is off only for this second, lazy open
+        Image.MAX_IMAGE_PIXELS = None
+        with Image.open(path) as im:
+            width, height = im.size
+    except Exception:  # noqa: BLE001  (unreadable after all: report what Pillow said first)
+        width = height = None
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+    size = f"{width}x{height} = {width * height} pixels" if width is not None else "too many pixels"
+    return DatasetError(f"cannot read {what} {path}: {size}, more than Pillow's limit of {2 * limit} pixels "
+                        f"(2 x PIL.Image.MAX_IMAGE_PIXELS, a guard against decompression bombs); cut it into "
+                        f"tiles below the limit (and its label map the same way)")
+
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """An image as 8-bit RGB, uint8 [H, W, 3], converted from what the file holds.
@@ -331,6 +357,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
                 return (((255 - cmyk[:, :, :3]) * white + 127) // 255).astype(np.uint8)  # rounded
             if mode in _RGB_CONVERTIBLE_MODES:
                 return np.array(im.convert("RGB"))
+    except Image.DecompressionBombError:  # beyond Pillow's pixel limit (see _too_many_pixels)
+        raise _too_many_pixels(path, "image") from None
     except (OSError, SyntaxError, ValueError) as e:  # PIL raises all three on broken files
         raise DatasetError(f"cannot read image {path}: {e}") from e
     raise DatasetError(f"cannot read image {path}: PIL mode {mode} has no defined 8-bit RGB "
@@ -353,6 +381,8 @@ def read_label(path: str | os.PathLike) -> np.ndarray:
             return np.array(im)
     except DatasetError:
         raise
+    except Image.DecompressionBombError:
+        raise _too_many_pixels(path, "label map") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DatasetError(f"cannot read label map {path}: {e}") from e
 
@@ -828,6 +858,7 @@ def _camvid_records(info: DatasetInfo, root: Path, split: str) -> list[Record]:
 #     background 0 0 0    a class: its name (spaces allowed, not ending in a number), then
 #     foreground          optionally its colour R G B (0..255; default: VOC's colour of its index)
 #     255 ignore          `VALUE ignore`: stored label value VALUE (0..255, not a class) is ignored
+#                         (`ignore` in any case; a line ending in it without a VALUE is an error)
 # The k-th class line (from 0) is label value k; ignore lines may appear anywhere and more than
 # once; '#' starts a comment; blank lines are skipped. Label PNGs hold the class values (grey or
 # palette indices, as VOC's); a value that is neither a class nor ignored is an error naming the
@@ -863,7 +894,11 @@ def read_classes_file(path: Path) -> FolderClasses:
         where = f"{path}, line {number} ({line.strip()!r})"
         if not tokens:
             continue
-        if len(tokens) == 2 and tokens[1] == "ignore" and tokens[0].lstrip("-").isdigit():
+        if tokens[-1].lower() == "ignore":  # `255 ignore`, `255 IGNORE`: an ignored label value
+            if len(tokens) != 2 or not tokens[0].lstrip("-").isdigit():
+                # `other ignore` would otherwise become a class named "other ignore"
+                raise DatasetError(f"{where}: `ignore` needs the label value before it: `VALUE ignore` "
+                                   f"(VALUE 0..255, e.g. `255 ignore`); a class line is `name` or `name R G B`")
             if not _is_byte(tokens[0]):
                 raise DatasetError(f"{where}: ignore value {tokens[0]} is outside 0..255")
             ignore.append(int(tokens[0]))

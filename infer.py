@@ -240,14 +240,35 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def device_problem(device: str) -> str | None:
+    """Why `--device` cannot be used here, or None. Checked before the checkpoint is read, whose
+    loader would otherwise report a missing GPU as an unreadable checkpoint."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        return f"--device {device}: expected cpu or cuda (or cuda:N)"
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"--device {device} but no GPU is visible"
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            return f"--device {device} but only {torch.cuda.device_count()} GPU(s) are visible"
+    elif parsed.type != "cpu":
+        return f"--device {device}: expected cpu or cuda (or cuda:N)"
+    return None
+
+
 def load_for_inference(ckpt_path: str, dataset: str | None, device: str, data_root: str | None = None,
                        prog: str = "infer.py"):
-    """(model, ckpt, dataset name, DatasetInfo) for a checkpoint; a bad file or a data set whose
-    class count differs from the checkpoint's is a one-line SystemExit starting with `prog` (used
+    """(model, ckpt, dataset name, DatasetInfo) for a checkpoint; an unusable --device, a bad
+    file, or a data set whose classes differ from the checkpoint's (in number, or in name where
+    the checkpoint records its class names) is a one-line SystemExit starting with `prog` (used
     by evaluate.py and plot.py too). A folder data set's classes come from `data_root` when
     given, else from the checkpoint."""
     import model as model_lib  # loading checkpoints belongs to the model stage
 
+    problem = device_problem(device)
+    if problem:
+        raise SystemExit(f"{prog}: {problem}")
     try:
         model, ckpt = model_lib.load_checkpoint(ckpt_path, map_location=device)
     except (FileNotFoundError, ValueError) as error:
@@ -259,6 +280,14 @@ def load_for_inference(ckpt_path: str, dataset: str | None, device: str, data_ro
     if info.num_classes != ckpt["meta"]["num_classes"]:
         raise SystemExit(f"{prog}: {ckpt_path} predicts {ckpt['meta']['num_classes']} classes but {dataset_name} "
                          f"has {info.num_classes}")
+    # Same count, other classes (a folder model on another classes.txt) would be scored as if class
+    # k meant the same thing. Cross-domain pairs share their names (a cityscapes model on gta5).
+    trained = [str(name) for name in ckpt["meta"].get("class_names") or ()]
+    if trained and trained != list(info.class_names):
+        k = next(k for k, (a, b) in enumerate(zip(trained, info.class_names)) if a != b)
+        raise SystemExit(f"{prog}: {ckpt_path} was trained on other classes than {dataset_name}"
+                         f"{f' at {data_root}' if data_root else ''}: class {k} is {trained[k]!r} in the checkpoint "
+                         f"but {info.class_names[k]!r} in the data set")
     return model, ckpt, dataset_name, info
 
 
@@ -321,8 +350,6 @@ def write_prediction(path: Path, label: np.ndarray, fmt: str, palette) -> None:
 def check_output_layout(args: argparse.Namespace, dataset_name: str, out: Path) -> Path | None:
     """The overlay folder (None: no overlays), after checking that --format suits the data set and
     that nothing but predictions will land where a test server looks."""
-    if out.exists() and not out.is_dir():
-        raise SystemExit(f"infer.py: --out {out} is a file; expected a folder (it is created if missing)")
     if args.format == "voc" and dataset_name != "voc":
         raise SystemExit(f"infer.py: --format voc is the PASCAL VOC server's layout; this is a {dataset_name} model")
     if args.format == "cityscapes" and dataset_name != "cityscapes":
@@ -332,8 +359,6 @@ def check_output_layout(args: argparse.Namespace, dataset_name: str, out: Path) 
     if args.overlay_dir.lower() == "none":
         return None
     overlays = Path(args.overlay_dir)
-    if overlays.exists() and not overlays.is_dir():
-        raise SystemExit(f"infer.py: --overlay-dir {overlays} is a file; expected a folder")
     # The server's search area: the VOC results folder, or all of --out for cityscapesScripts,
     # whose recursive search would take <name>_overlay.png for a second prediction of <name>.
     guarded = {"voc": out / VOC_RESULTS_DIR, "cityscapes": out}.get(args.format)
@@ -361,9 +386,44 @@ def resolve_settings(args: argparse.Namespace, dataset_name: str, info: data.Dat
     return crop_size, stride, crf.params_from_args(args, dataset_name)
 
 
+def check_paths(args: argparse.Namespace) -> None:
+    """Before the checkpoint is read: no path flag is empty and --out / --overlay-dir can be folders."""
+    import evaluate  # the shared path checks; imported here because evaluate.py imports this module
+
+    problems = evaluate.empty_path_problems({"--ckpt": args.ckpt, "--input": args.input, "--out": args.out,
+                                             "--image-list": args.image_list, "--overlay-dir": args.overlay_dir,
+                                             "--dataset": args.dataset})
+    outputs = [("--out", args.out)]
+    if args.overlay_dir and args.overlay_dir.lower() != "none":
+        outputs.append(("--overlay-dir", args.overlay_dir))
+    for flag, value in outputs:
+        problem = evaluate.output_path_problem(value, flag, folder=True) if value else None
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise SystemExit("infer.py: " + "; ".join(problems))
+
+
+def check_outputs(images: list[Path], outputs: list[Path]) -> None:
+    """Refuse outputs that are input images (--out equal to --input, say) or that are written
+    twice (the overlay of a.png and the prediction of a_overlay.png): files would be overwritten."""
+    inputs = {path.resolve(): path for path in images}
+    seen: dict[Path, Path] = {}
+    for output in outputs:
+        resolved = output.resolve()
+        if resolved in inputs:
+            raise SystemExit(f"infer.py: the output {output} would overwrite the input image {inputs[resolved]}; "
+                             f"choose an --out (and --overlay-dir) outside the input images")
+        if resolved in seen:
+            raise SystemExit(f"infer.py: {output} would be written twice (a prediction and an overlay of two "
+                             f"images); give --overlay-dir a folder of its own")
+        seen[resolved] = output
+
+
 def main(args: argparse.Namespace) -> None:
     import evaluate  # progress_line; imported here because evaluate.py imports this module
 
+    check_paths(args)
     model, ckpt, dataset_name, info = load_for_inference(args.ckpt, args.dataset, args.device)
     crop_size, stride, crf_params = resolve_settings(args, dataset_name, info)
     out = Path(args.out)
@@ -380,6 +440,8 @@ def main(args: argparse.Namespace) -> None:
     if clashes:  # e.g. a.png beside a.jpg, or one name in two sub-folders
         raise SystemExit(f"infer.py: {clashes} image(s) under --input share a name with another, so their "
                          f"predictions would overwrite each other; pass a folder with unique file names")
+    overlay_paths = [] if overlays is None else [overlays / f"{name}_overlay.png" for name in names]
+    check_outputs(images, targets + overlay_paths)
     out.mkdir(parents=True, exist_ok=True)
     print(f"{len(images)} image(s), crop {crop_size} stride {stride}, scales {list(scales)}, flip {flip}, "
           f"--format {args.format} -> {out}", file=sys.stderr)
@@ -393,7 +455,7 @@ def main(args: argparse.Namespace) -> None:
         label = probs.argmax(dim=0).to(torch.uint8).cpu().numpy()  # [H, W] class (train) ids
         write_prediction(target, label, args.format, palette)
         if overlays is not None:
-            overlay_path = overlays / f"{name}_overlay.png"
+            overlay_path = overlay_paths[done - 1]
             overlay_path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(overlay(rgb, label, palette)).save(overlay_path)
         now = time.perf_counter()

@@ -49,10 +49,20 @@ def pyplot():
     return plt
 
 
+def out_problem(out: str | Path) -> str | None:
+    """Why --out cannot be written as a PNG file, or None (main checks it before any work)."""
+    import evaluate  # the shared output path check
+
+    if Path(out).suffix.lower() != ".png":
+        return f"--out {out} should end in .png"
+    return evaluate.output_path_problem(out, "--out", folder=False)
+
+
 def save(fig, out: str | Path) -> Path:
     out = Path(out)
-    if out.suffix.lower() != ".png":
-        raise SystemExit(f"plot.py: --out {out} should end in .png")
+    problem = out_problem(out)
+    if problem:
+        raise SystemExit(f"plot.py: {problem}")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=DPI, bbox_inches="tight", facecolor="white")
     import matplotlib.pyplot as plt
@@ -162,6 +172,9 @@ def read_log(path: str | Path) -> list[dict[str, Any]]:
         lines = Path(path).read_text().splitlines()
     except FileNotFoundError:
         raise SystemExit(f"plot.py: {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as error:  # a folder, a binary file (a checkpoint, say)
+        raise SystemExit(f"plot.py: {path} is not a readable text file ({error}); expected train.py's "
+                         f"log.jsonl") from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -432,10 +445,14 @@ def plot_grid(ckpts: Sequence[str], labels: Sequence[str] | None, dataset_name: 
     """Rows: samples; columns: (a) image, (b) ground truth, then one prediction per checkpoint;
     a colour key of the classes below."""
     plt = pyplot()
+    import infer
     import model as model_lib
     from matplotlib.patches import Patch
 
     names = labels_for(ckpts, labels) or [default_label(Path(c)) for c in ckpts]
+    problem = infer.device_problem(device)
+    if problem:  # before any checkpoint is read, which would blame the file for a missing GPU
+        raise SystemExit(f"plot.py: {problem}")
     if dataset_name is None:
         try:
             _, ckpt = model_lib.load_checkpoint(ckpts[0])
@@ -446,9 +463,8 @@ def plot_grid(ckpts: Sequence[str], labels: Sequence[str] | None, dataset_name: 
             raise SystemExit(f"plot.py: --dataset is needed ({ckpts[0]} does not name its data set)")
     info = data.dataset_info(dataset_name, data_root)  # folder: classes.txt at the root
     split = split or info.val_split
-    try:
-        dataset = data.build_dataset(dataset_name, data_root, split, train=False,
-                                     length=length if length is not None else (max(indices) + 1 if dataset_name == "synthetic" else None))
+    try:  # synthetic scenes are drawn when indexed: the split's full length costs nothing
+        dataset = data.build_dataset(dataset_name, data_root, split, train=False, length=length)
     except data.DatasetError as error:
         raise SystemExit(f"plot.py: {error}") from None
     bad = [i for i in indices if not 0 <= i < len(dataset)]
@@ -537,7 +553,30 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Empty paths and an --out that cannot be written, before any input is read."""
+    import evaluate  # the shared path checks
+
+    inputs = {"curves": ("logs", "a log file"), "classes": ("results", "a results file"),
+              "fields": ("inputs", "an input"), "confusion": ("results", "a results file")}
+    flags = {"--out": args.out}
+    if args.command in inputs:
+        dest, what = inputs[args.command]
+        flags[what] = getattr(args, dest)
+    else:
+        flags.update({"--ckpt": args.ckpt, "--dataset": args.dataset, "--data-root": args.data_root,
+                      "--split": args.split})
+    problems = evaluate.empty_path_problems(flags)
+    if args.out:
+        problem = out_problem(args.out)
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise SystemExit("plot.py: " + "; ".join(problems))
+
+
 def main(args: argparse.Namespace) -> Path:
+    check_args(args)
     if args.command == "curves":
         return plot_curves(args.logs, args.labels, args.out, args.title)
     if args.command == "classes":

@@ -590,6 +590,23 @@ def test_images_without_an_8_bit_meaning_are_refused(tmp_path: Path) -> None:
         assert "\n" not in str(e.value)
 
 
+def test_an_image_beyond_pillows_pixel_limit_is_one_line_with_its_size(tmp_path: Path, monkeypatch) -> None:
+    """Pillow refuses images of more than 2 x MAX_IMAGE_PIXELS (a decompression bomb guard) with
+    its own exception, which used to escape as a traceback. A lowered limit stands in for a 200 MP file."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # refused above 200 pixels
+    write_rgb(tmp_path / "big.png", random_image(20, 30, 0))  # 600 pixels
+    write_gray_png(tmp_path / "big_label.png", np.zeros((20, 30), np.uint8))
+    for read, name in ((data.read_image, "big.png"), (data.read_label, "big_label.png")):
+        with pytest.raises(data.DatasetError) as e:
+            read(tmp_path / name)
+        text = str(e.value)
+        assert str(tmp_path / name) in text and "\n" not in text
+        assert "30x20 = 600 pixels" in text and "limit of 200 pixels" in text and "tiles" in text
+    assert Image.MAX_IMAGE_PIXELS == 100  # the limit is left as it was
+    write_rgb(tmp_path / "small.png", random_image(10, 10, 0))  # 100 pixels: read as usual
+    assert data.read_image(tmp_path / "small.png").shape == (10, 10, 3)
+
+
 # ---------------------------------------------------------------------------------------------
 # instance maps: for every image of a split or for none, never silently dropped
 # ---------------------------------------------------------------------------------------------
@@ -688,6 +705,11 @@ def test_folder_reads_classes_labels_and_instances(tmp_path: Path) -> None:
     ("bg\nfg\n1 ignore\n", r"ignore value 1 is the label value of class 'fg'"),
     ("bg\nfg\n256 ignore\n", r"line 3 \('256 ignore'\): ignore value 256 is outside 0\.\.255"),
     ("bg\nfg\n-1 ignore\n", r"line 3 \('-1 ignore'\): ignore value -1 is outside 0\.\.255"),
+    # A line ending in `ignore` declares an ignored value; without a value it is not a class name.
+    ("bg\nfg\nother ignore\n", r"line 3 \('other ignore'\): `ignore` needs the label value before it"),
+    ("bg\nfg\nignore\n", r"line 3 \('ignore'\): `ignore` needs the label value before it"),
+    ("bg\nfg\nvoid 255 IGNORE\n", r"line 3 \('void 255 IGNORE'\): `ignore` needs the label value before it"),
+    ("bg\nfg\n2.5 ignore\n", r"line 3 \('2\.5 ignore'\): `ignore` needs the label value before it"),
 ])
 def test_malformed_classes_file_is_one_line_naming_it(tmp_path: Path, text: str, message: str) -> None:
     make_folder(tmp_path)
@@ -702,6 +724,14 @@ def test_classes_file_accepts_a_bom_crlf_and_binary(tmp_path: Path) -> None:
     (tmp_path / "classes.txt").write_bytes("\ufeffbackground\r\nforeground 255 255 255\r\n255 ignore\r\n".encode())
     info = data.dataset_info("folder", tmp_path)
     assert info.class_names == ("background", "foreground") and info.palette == ((0, 0, 0), (255, 255, 255))
+
+
+def test_the_ignore_keyword_is_case_insensitive(tmp_path: Path) -> None:
+    make_folder(tmp_path)
+    (tmp_path / "classes.txt").write_text("bg\nfg\n255 IGNORE\n7 Ignore\n")  # old code: classes '255 IGNORE', ...
+    info, codec = data.open_folder(tmp_path)
+    assert info.class_names == ("bg", "fg")
+    assert data.read_classes_file(tmp_path / "classes.txt").ignore_values == (7, 255)
 
 
 def broken(tmp_path: Path, how: str) -> Path:

@@ -560,3 +560,138 @@ def test_every_flag_has_help_that_states_its_default():
         if action.dest == "help":
             continue
         assert action.help and "default" in action.help, f"{action.option_strings} has no help stating its default"
+
+
+def test_every_optional_flag_of_experiments_and_bench_states_its_default():
+    import argparse
+    import bench
+    import experiments
+
+    for script in (experiments, bench):
+        for action in script.get_args_parser()._actions:
+            if action.dest == "help" or action.help == argparse.SUPPRESS or not action.option_strings:
+                continue  # positional arguments are required: they have no default
+            assert action.help and "default" in action.help, \
+                f"{script.__name__}.py {action.option_strings} has no help stating its default"
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Outputs: checked before any work, never over the data set or the checkpoint, written atomically
+# --------------------------------------------------------------------------------------------
+def tiny_folder_set(root: Path) -> tuple[Path, dict[Path, bytes]]:
+    """A 3-class folder data set with two 16x24 val images (PNG) and instance maps, and a
+    checkpoint for its classes; returns the checkpoint and every data set file's bytes."""
+    import model as model_lib
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (root / "classes.txt").parent.mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("bg\nthing\nother\n255 ignore\n")
+    for kind in ("images", "labels", "instances"):
+        (root / kind / "val").mkdir(parents=True)
+    for name in ("im0", "im1"):
+        Image.fromarray(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)).save(root / "images" / "val" / f"{name}.png")
+        Image.fromarray(rng.integers(0, 3, (16, 24)).astype(np.uint8)).save(root / "labels" / "val" / f"{name}.png")
+        Image.fromarray(np.ones((16, 24), np.uint8)).save(root / "instances" / "val" / f"{name}.png")
+    net = model_lib.build_model("fcn", 3, backbone="tiny")
+    meta = {**net.meta, "dataset": "folder", "class_names": ["bg", "thing", "other"],
+            "palette": [[0, 0, 0], [255, 255, 0], [0, 0, 255]], "loss": "ce", "kernel_sizes": []}
+    model_lib.save_checkpoint({"model": net.state_dict(), "meta": meta}, root.parent / "folder.pt")
+    return root.parent / "folder.pt", {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("kind", ["labels", "images", "instances"])
+def test_save_pred_into_the_data_sets_own_folders_is_refused(tmp_path: Path, kind: str):
+    """--save-pred <root>/labels/val overwrote the ground truth (and then scored 100%), exit 0."""
+    root = tmp_path / "set"
+    ckpt, files = tiny_folder_set(root)
+    argv = ["--ckpt", str(ckpt), "--dataset", "folder", "--data-root", str(root), "--workers", "0",
+            "--device", "cpu", "--crop-size", "16", "--stride", "16", "--json", str(tmp_path / "r.json")]
+    with pytest.raises(SystemExit) as info:
+        evaluate.main(evaluate.get_args_parser().parse_args(argv + ["--save-pred", str(root / kind / "val")]))
+    assert str(info.value) == (f"evaluate.py: --save-pred {root / kind / 'val'} would overwrite "
+                               f"{root / kind / 'val' / 'im0.png'}, a file of the folder val split; write the "
+                               f"predictions to a folder of their own")
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == files
+    assert not (tmp_path / "r.json").exists()
+    # A folder of their own (even inside the data root) is fine.
+    evaluate.main(evaluate.get_args_parser().parse_args(argv + ["--save-pred", str(root / "preds")]))
+    assert sorted(p.name for p in (root / "preds").iterdir()) == ["im0.png", "im1.png"]
+
+
+def test_the_results_file_is_replaced_atomically(tmp_path: Path):
+    """A full disk while writing the JSON used to leave a truncated file in place of the earlier
+    result. RLIMIT_FSIZE makes the write fail (EFBIG) as a full disk would (ENOSPC)."""
+    import resource
+
+    path = tmp_path / "eval.json"
+    evaluate.write_json({"miou": 0.5, "iou": [0.5] * 4}, path)
+    before = path.read_bytes()
+    big = {"miou": 0.25, "iou": [0.25] * 2000}  # about 14 kB of JSON
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(OSError):
+            evaluate.write_json(big, path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert path.read_bytes() == before and json.loads(before)["miou"] == 0.5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]  # no temporary file left
+    evaluate.write_json(big, path)
+    assert json.loads(path.read_text())["iou"] == [0.25] * 2000
+
+
+def test_a_failed_results_write_is_one_line_that_keeps_the_old_file(tmp_path: Path, monkeypatch, capsys):
+    import errno
+
+    ckpt = tiny_checkpoint(tmp_path)
+
+    def full_disk(results, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(evaluate, "write_json", full_disk)
+    with pytest.raises(SystemExit) as info:
+        evaluate.main(evaluate.get_args_parser().parse_args(
+            ["--ckpt", str(ckpt), "--length", "1", "--workers", "0", "--device", "cpu",
+             "--json", str(tmp_path / "r.json")]))
+    assert str(info.value) == (f"evaluate.py: cannot write the results to {tmp_path / 'r.json'} ([Errno 28] No space "
+                               f"left on device); they are printed above, and {tmp_path / 'r.json'} is unchanged")
+    assert "mIoU" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--json", "{tmp}"], "--json {tmp} is a folder; expected a file name"),
+    (["--json", "{tmp}/notes.txt/r.json"], "--json {tmp}/notes.txt/r.json: {tmp}/notes.txt is a file, so nothing can be created below it"),
+    (["--save-pred", "{tmp}/notes.txt"], "--save-pred {tmp}/notes.txt is a file; expected a folder (it is created if missing)"),
+    (["--save-pred", "{tmp}/notes.txt/pred"], "--save-pred {tmp}/notes.txt/pred: {tmp}/notes.txt is a file"),
+    (["--json", "{tmp}/tiny.pt"], "--json {tmp}/tiny.pt is the checkpoint --ckpt; choose another file"),
+    (["--json", ""], "--json is empty"),
+    (["--save-pred", ""], "--save-pred is empty"),
+    (["--data-root", ""], "--data-root is empty"),
+    (["--dataset", ""], "--dataset is empty"),
+    (["--split", ""], "--split is empty"),
+])
+def test_unusable_output_paths_and_empty_flags_are_refused_before_any_work(tmp_path: Path, monkeypatch, flags, message):
+    """A --json folder or a path below a file was a traceback after the whole evaluation; `--json ""`
+    silently wrote to the default file."""
+    ckpt = tiny_checkpoint(tmp_path)
+    (tmp_path / "notes.txt").write_text("x")
+    before = ckpt.read_bytes()
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the evaluation ran before the paths were checked")
+
+    monkeypatch.setattr(evaluate, "evaluate_model", no_work)
+    argv = ["--ckpt", str(ckpt), "--length", "1", "--workers", "0", "--device", "cpu"]
+    with pytest.raises(SystemExit) as info:
+        evaluate.main(evaluate.get_args_parser().parse_args(argv + [f.replace("{tmp}", str(tmp_path)) for f in flags]))
+    assert str(info.value).startswith("evaluate.py: " + message.replace("{tmp}", str(tmp_path)))
+    assert "\n" not in str(info.value) and ckpt.read_bytes() == before
+
+
+@pytest.mark.parametrize("flag", ["--ckpt", "--pred-dir"])
+def test_an_empty_model_or_prediction_path_is_refused(tmp_path: Path, flag: str):
+    argv = [flag, "", "--dataset", "synthetic", "--length", "1", "--workers", "0"]
+    with pytest.raises(SystemExit) as info:
+        evaluate.main(evaluate.get_args_parser().parse_args(argv))
+    assert str(info.value) == f"evaluate.py: {flag} is empty"

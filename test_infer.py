@@ -544,3 +544,98 @@ def test_cli_refuses_a_zero_window_instead_of_the_default(tmp_path: Path, flags,
         infer.main(args)
     assert message in str(info.value) and str(info.value).startswith("infer.py: ")
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Paths and devices that cannot work: one line before any image is read, never an overwrite
+# --------------------------------------------------------------------------------------------
+def test_outputs_onto_the_input_images_are_refused_before_anything_is_written(tmp_path: Path):
+    """--out equal to --input used to overwrite the user's images with their predictions (exit 0)."""
+    from PIL import Image
+
+    save_tiny_checkpoint(tmp_path / "syn.pt", "synthetic")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a", "b", "b_overlay"):
+        Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(photos / f"{name}.png")
+    before = {p.name: p.read_bytes() for p in photos.iterdir()}
+    base = ["--ckpt", str(tmp_path / "syn.pt"), "--device", "cpu"]
+    cases = [
+        (["--input", str(photos), "--out", str(photos)], r"the output \S*photos/a.png would overwrite the input image"),
+        (["--input", str(photos / "a.png"), "--out", str(photos)], r"would overwrite the input image \S*photos/a.png"),
+        # the overlay of b.png is b_overlay.png, which is an input image too
+        (["--input", str(photos), "--out", str(tmp_path / "o"), "--overlay-dir", str(photos)],
+         r"the output \S*photos/\w+_overlay.png would overwrite the input image"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit, match=message) as info:
+            infer.main(infer.get_args_parser().parse_args(base + extra))
+        assert "\n" not in str(info.value)
+    assert {p.name: p.read_bytes() for p in photos.iterdir()} == before  # nothing overwritten, nothing added
+    assert not (tmp_path / "o").exists()
+    # b_overlay.png's prediction and b.png's overlay would be the same file of --out.
+    with pytest.raises(SystemExit, match=r"\S*o/b_overlay.png would be written twice"):
+        infer.main(infer.get_args_parser().parse_args(base + ["--input", str(photos), "--out", str(tmp_path / "o")]))
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--out", "{tmp}/notes.txt/sub"], "--out {tmp}/notes.txt/sub: {tmp}/notes.txt is a file, so nothing can be created below it"),
+    (["--out", "{tmp}/o", "--overlay-dir", "{tmp}/notes.txt/viz"], "--overlay-dir {tmp}/notes.txt/viz: {tmp}/notes.txt is a file"),
+    (["--out", "{tmp}/o", "--overlay-dir", "{tmp}/notes.txt"], "--overlay-dir {tmp}/notes.txt is a file; expected a folder"),
+    (["--out", ""], "--out is empty"),
+    (["--out", "{tmp}/o", "--input", ""], "--input is empty"),
+    (["--out", "{tmp}/o", "--ckpt", ""], "--ckpt is empty"),
+    (["--out", "{tmp}/o", "--image-list", ""], "--image-list is empty"),
+    (["--out", "{tmp}/o", "--overlay-dir", ""], "--overlay-dir is empty"),
+    (["--out", "{tmp}/o", "--dataset", ""], "--dataset is empty"),
+])
+def test_empty_paths_and_outputs_below_a_file_are_one_line(tmp_path: Path, monkeypatch, flags, message):
+    """`--input ""` scanned the current folder recursively; `--out notes.txt/sub` was a traceback
+    after the checkpoint was loaded."""
+    from PIL import Image
+
+    save_tiny_checkpoint(tmp_path / "syn.pt", "synthetic")
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "notes.txt").write_text("x")
+    monkeypatch.chdir(tmp_path)  # what "" means: the current folder, here with one image in it
+    argv = ["--ckpt", str(tmp_path / "syn.pt"), "--input", str(tmp_path / "a.png"), "--device", "cpu"]
+    argv += [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    with pytest.raises(SystemExit) as info:
+        infer.main(infer.get_args_parser().parse_args(argv))
+    assert str(info.value).startswith("infer.py: " + message.replace("{tmp}", str(tmp_path)))
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "o").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "notes.txt", "syn.pt"]
+
+
+def test_device_cuda_without_a_gpu_is_named_not_blamed_on_the_checkpoint(tmp_path: Path, monkeypatch):
+    save_tiny_checkpoint(tmp_path / "syn.pt", "synthetic")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as info:
+        infer.load_for_inference(str(tmp_path / "syn.pt"), None, "cuda", prog="evaluate.py")
+    assert str(info.value) == "evaluate.py: --device cuda but no GPU is visible"
+    with pytest.raises(SystemExit, match=r"^infer.py: --device gpu: expected cpu or cuda"):
+        infer.load_for_inference(str(tmp_path / "syn.pt"), None, "gpu")
+    assert infer.load_for_inference(str(tmp_path / "syn.pt"), None, "cpu")[2] == "synthetic"
+
+
+def test_a_data_set_with_other_class_names_is_refused_but_cross_domain_works(tmp_path: Path):
+    """A folder model scored against a classes.txt with other names (same count) used to exit 0."""
+    import model as model_lib
+
+    net = model_lib.build_model("fcn", 3, backbone="tiny")
+    meta = {**net.meta, "dataset": "folder", "class_names": ["sky", "road", "car"],
+            "palette": [[0, 0, 0], [1, 1, 1], [2, 2, 2]], "loss": "ce", "kernel_sizes": []}
+    model_lib.save_checkpoint({"model": net.state_dict(), "meta": meta}, tmp_path / "folder.pt")
+    for root, names in (("same", "sky\nroad\ncar\n"), ("other", "sky\nroad 1 2 3\ntruck\n255 ignore\n")):
+        (tmp_path / root / "images" / "val").mkdir(parents=True)
+        (tmp_path / root / "classes.txt").write_text(names)
+    assert infer.load_for_inference(str(tmp_path / "folder.pt"), None, "cpu", str(tmp_path / "same"))[3].num_classes == 3
+    with pytest.raises(SystemExit) as info:
+        infer.load_for_inference(str(tmp_path / "folder.pt"), None, "cpu", str(tmp_path / "other"), prog="evaluate.py")
+    assert str(info.value) == (f"evaluate.py: {tmp_path / 'folder.pt'} was trained on other classes than folder at "
+                               f"{tmp_path / 'other'}: class 2 is 'car' in the checkpoint but 'truck' in the data set")
+    # Cross-domain evaluation (paper Table 9): a Cityscapes model on GTA5, the same 19 names.
+    save_tiny_checkpoint(tmp_path / "cs.pt", "cityscapes")
+    _, ckpt, name, info = infer.load_for_inference(str(tmp_path / "cs.pt"), "gta5", "cpu")
+    assert name == "gta5" and ckpt["meta"]["dataset"] == "cityscapes" and info.num_classes == 19

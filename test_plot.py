@@ -158,3 +158,53 @@ def test_experiments_figures_are_plot_commands_on_the_committed_results(tmp_path
     assert grid.indices == list(experiments.EXPERIMENTS["synthetic"]["grid"]) and len(grid.ckpt) == 3
     classes = plot.get_args_parser().parse_args(commands[0])
     assert classes.thin == list(experiments.EXPERIMENTS["synthetic"]["thin"])
+
+
+def test_unreadable_logs_and_unusable_paths_are_one_line_before_any_work(run, tmp_path):
+    """A folder or a binary file as a log was a traceback (IsADirectoryError, UnicodeDecodeError);
+    --out below a file was a traceback after the figure was drawn."""
+    (tmp_path / "notes.txt").write_text("x")
+    for path in (tmp_path, run["ckpt"]):
+        with pytest.raises(SystemExit) as info:
+            plot.read_log(path)
+        assert str(info.value).startswith(f"plot.py: {path} is not a readable text file (")
+        assert str(info.value).endswith("expected train.py's log.jsonl") and "\n" not in str(info.value)
+    missing = str(tmp_path / "missing.jsonl")  # never read: the --out check comes first
+    cases = [
+        (["curves", missing, "--out", str(tmp_path / "notes.txt" / "x.png")],
+         f"--out {tmp_path / 'notes.txt' / 'x.png'}: {tmp_path / 'notes.txt'} is a file, so nothing can be created below it"),
+        (["classes", missing, "--out", str(tmp_path / "x.jpg")], f"--out {tmp_path / 'x.jpg'} should end in .png"),
+        (["fields", missing, "--out", ""], "--out is empty"),
+        (["curves", "", "--out", str(tmp_path / "x.png")], "a log file is empty"),
+        (["confusion", "", "--out", str(tmp_path / "x.png")], "a results file is empty"),
+        (["grid", "--ckpt", "", "--out", str(tmp_path / "x.png")], "--ckpt is empty"),
+        (["grid", "--ckpt", str(run["ckpt"]), "--data-root", "", "--out", str(tmp_path / "x.png")], "--data-root is empty"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as info:
+            plot_main(*argv)
+        assert str(info.value) == f"plot.py: {message}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_grid_indices_are_judged_against_the_whole_split(run, tmp_path, monkeypatch, capsys):
+    """Synthetic val has 200 scenes: -1 was 'outside the 0 images' and 99999 drew a scene beyond
+    the split. No scene is drawn before the indices and the device are checked."""
+    import data
+
+    drawn = []
+    make_scene = data.synthetic.make_scene
+    monkeypatch.setattr(data.synthetic, "make_scene", lambda seed, index: drawn.append(index) or make_scene(seed, index))
+    size = data.SYNTHETIC_LENGTHS["val"]
+    for indices in ([-1], [0, 99999], [size]):
+        with pytest.raises(SystemExit) as info:
+            plot.plot_grid([str(run["ckpt"])], None, None, None, None, indices, tmp_path / "x.png")
+        bad = [i for i in indices if not 0 <= i < size]
+        assert str(info.value) == f"plot.py: --indices {bad} outside the {size} images of synthetic val"
+    # --device cuda without a GPU is named before a checkpoint is loaded for it (which blamed the file).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as info:
+        plot.plot_grid([str(run["ckpt"])], None, None, None, None, [1], tmp_path / "x.png", device="cuda")
+    assert str(info.value) == "plot.py: --device cuda but no GPU is visible"
+    assert drawn == [] and "predicting" not in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
