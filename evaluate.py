@@ -638,8 +638,11 @@ def sample_arrays(sample: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None
 def save_prediction(save_dir: str | os.PathLike, name: str, pred: np.ndarray, palette) -> None:
     """Write `<save_dir>/<name>.png` as a palette PNG (the format --pred-dir reads back)."""
     path = Path(save_dir) / f"{name}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data.save_label_png(path, pred.astype(np.uint8), palette)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data.save_label_png(path, pred.astype(np.uint8), palette)
+    except OSError as error:  # a full disk, no permission: one line, not a traceback from the scoring loop
+        raise SystemExit(f"evaluate.py: --save-pred cannot write {path} ({error}); nothing was scored") from None
 
 
 def evaluate_model(model: torch.nn.Module, dataset, dataset_name: str, metrics: Sequence[str] = ("miou",),

@@ -695,3 +695,21 @@ def test_an_empty_model_or_prediction_path_is_refused(tmp_path: Path, flag: str)
     with pytest.raises(SystemExit) as info:
         evaluate.main(evaluate.get_args_parser().parse_args(argv))
     assert str(info.value) == f"evaluate.py: {flag} is empty"
+
+
+def test_a_full_disk_under_save_pred_is_one_line(tmp_path: Path, monkeypatch):
+    """A failed --save-pred write (a full disk, say) was a traceback out of the scoring loop."""
+    root = tmp_path / "set"
+    ckpt, _ = tiny_folder_set(root)
+
+    def full_disk(path, *args, **kwargs):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(evaluate.data, "save_label_png", full_disk)
+    argv = ["--ckpt", str(ckpt), "--dataset", "folder", "--data-root", str(root), "--workers", "0", "--device",
+            "cpu", "--crop-size", "16", "--stride", "16", "--save-pred", str(tmp_path / "preds")]
+    with pytest.raises(SystemExit) as info:
+        evaluate.main(evaluate.get_args_parser().parse_args(argv))
+    message = str(info.value)
+    assert message.startswith(f"evaluate.py: --save-pred cannot write {tmp_path / 'preds'}/im")
+    assert "No space left on device" in message and "\n" not in message

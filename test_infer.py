@@ -639,3 +639,31 @@ def test_a_data_set_with_other_class_names_is_refused_but_cross_domain_works(tmp
     save_tiny_checkpoint(tmp_path / "cs.pt", "cityscapes")
     _, ckpt, name, info = infer.load_for_inference(str(tmp_path / "cs.pt"), "gta5", "cpu")
     assert name == "gta5" and ckpt["meta"]["dataset"] == "cityscapes" and info.num_classes == 19
+
+
+def test_a_full_disk_while_writing_predictions_is_one_line(tmp_path: Path, monkeypatch):
+    """A failed prediction write was a traceback; now one line saying how many were written."""
+    from PIL import Image
+
+    save_tiny_checkpoint(tmp_path / "syn.pt", "synthetic")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a", "b"):
+        Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(photos / f"{name}.png")
+    real = infer.write_prediction
+    calls = []
+
+    def full_disk_on_second(path, *args):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device", str(path))
+        real(path, *args)
+
+    monkeypatch.setattr(infer, "write_prediction", full_disk_on_second)
+    argv = ["--ckpt", str(tmp_path / "syn.pt"), "--device", "cpu", "--input", str(photos),
+            "--out", str(tmp_path / "out"), "--overlay-dir", "none"]
+    with pytest.raises(SystemExit) as info:
+        infer.main(infer.get_args_parser().parse_args(argv))
+    message = str(info.value)
+    assert message.startswith(f"infer.py: cannot write the prediction of {photos / 'b.png'} (")
+    assert message.endswith("; 1 of 2 image(s) were written before it") and "\n" not in message
