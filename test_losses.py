@@ -1039,6 +1039,21 @@ def test_embedding_labels_ge_num_classes_and_higher_resolution():
     assert_loss_close(mod(feats, big), ref)
 
 
+def every_loss(aaf_seed: int, adv: "losses.AdversarialProjection") -> dict:
+    """name -> loss(logits, labels) for every projection loss (and the unary term), at C_ classes;
+    AAF gets non-uniform weights from `aaf_seed`, the GAN terms come from `adv`."""
+    aaf = losses.AdaptiveAffinityFieldLoss(C_, kernel_sizes=(3, 5))
+    _set_aaf_logits(aaf, seed=aaf_seed)
+    return {
+        "affinity": losses.AffinityFieldLoss(C_, kernel_sizes=(3, 5)),
+        "aaf": aaf,
+        "unary": lambda x, y: losses.unary_loss(x, y),
+        "random": losses.RandomProjectionLoss(C_),
+        "gan_g": adv.generator_loss,
+        "gan_d": adv.discriminator_loss,
+        "emb": losses.EmbeddingContrastiveLoss(),
+    }
+
 # =============================================================================================
 # Half precision: computed in float32 (float32 scalars even for bf16/fp16 logits)
 # =============================================================================================
@@ -1050,18 +1065,7 @@ def test_half_precision_inputs_give_the_float32_result(dtype):
     logits, labels = make_case(seed=60)
     half = logits.to(dtype)
     rounded = half.float()
-    aaf = losses.AdaptiveAffinityFieldLoss(C_, kernel_sizes=(3, 5))
-    _set_aaf_logits(aaf, seed=61)
-    adv = losses.AdversarialProjection(C_)
-    cases = {
-        "affinity": losses.AffinityFieldLoss(C_, kernel_sizes=(3, 5)),
-        "aaf": aaf,
-        "unary": lambda x, y: losses.unary_loss(x, y),
-        "random": losses.RandomProjectionLoss(C_),
-        "gan_g": adv.generator_loss,
-        "gan_d": adv.discriminator_loss,
-        "emb": losses.EmbeddingContrastiveLoss(),
-    }
+    cases = every_loss(aaf_seed=61, adv=losses.AdversarialProjection(C_))
     for name, fn in cases.items():
         x = half.clone().requires_grad_(True)
         got = fn(x, labels)
@@ -1253,19 +1257,9 @@ def test_losses_under_cpu_bf16_autocast_equal_float32_eager():
     without autocast to float32 precision: catches the random projection's convolution or the
     GAN discriminator (or the affinity field's contractions) running in bf16 (~1e-3 off)."""
     logits, labels = make_case(seed=80)
-    aaf = losses.AdaptiveAffinityFieldLoss(C_, kernel_sizes=(3, 5))
-    _set_aaf_logits(aaf, seed=81)
     torch.manual_seed(82)
     adv = losses.AdversarialProjection(C_, width=16)
-    cases = {
-        "affinity": losses.AffinityFieldLoss(C_, kernel_sizes=(3, 5)),
-        "aaf": aaf,
-        "unary": lambda x, y: losses.unary_loss(x, y),
-        "random": losses.RandomProjectionLoss(C_),
-        "gan_g": adv.generator_loss,
-        "gan_d": adv.discriminator_loss,
-        "emb": losses.EmbeddingContrastiveLoss(),
-    }
+    cases = every_loss(aaf_seed=81, adv=adv)
     for name, fn in cases.items():
         params = list(adv.disc.parameters()) if name == "gan_d" else [torch.zeros(())]
         results = []
