@@ -214,6 +214,7 @@ def report(name: str, out: Path, results_dir: Path = ROOT / "results") -> str:
     for method, rs in runs.items():
         seed = rs[0]["train_args"]["seed"]
         command = rs[0]["train_command"].replace(f"--seed {seed}", "--seed S").replace(f"seed{seed}", "seedS")
+        command = re.sub(r" --(overwrite|resume \S+)", "", command)  # how run_one restarted it, not the recipe
         lines.append("    " + command.replace(str(ROOT) + "/", "").replace(str(ROOT.parent) + "/", "../"))
     lines += ["", f"Or all of them: `python experiments.py run {name}`."]
     text = "\n".join(lines) + "\n"
@@ -299,10 +300,10 @@ def update_readme(name: str, text: str, readme: Path = ROOT / "README.md") -> No
 
 def shown(path: Path) -> str:
     """A path as the README shows it: relative to the repository when inside it."""
-    try:
-        return str(Path(path).resolve().relative_to(ROOT))
-    except ValueError:
-        return str(path)
+    for full in (Path(os.path.abspath(path)), Path(path).resolve()):  # data/CamVid may be a link
+        if full.is_relative_to(ROOT):
+            return str(full.relative_to(ROOT))
+    return str(path)
 
 
 def figure_commands(name: str, args: argparse.Namespace) -> list[list[str]]:
@@ -333,7 +334,7 @@ def figure_commands(name: str, args: argparse.Namespace) -> list[list[str]]:
                          "--out", figure("curves")])
     needs_root = name != "synthetic" and not args.data_root
     if len(ckpts) == len(methods) and not needs_root:
-        root = ["--data-root", str(Path(args.data_root).resolve())] if args.data_root else []
+        root = ["--data-root", os.path.abspath(args.data_root)] if args.data_root else []  # symlinks kept, as typed
         commands.append(["grid", "--ckpt", *ckpts, "--labels", *labels, *root,
                          "--indices", *(str(i) for i in exp["grid"]), "--out", figure("grid")])
     if len(logs) < len(methods) or len(ckpts) < len(methods):
