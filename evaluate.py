@@ -642,7 +642,8 @@ def save_prediction(save_dir: str | os.PathLike, name: str, pred: np.ndarray, pa
         path.parent.mkdir(parents=True, exist_ok=True)
         data.save_label_png(path, pred.astype(np.uint8), palette)
     except OSError as error:  # a full disk, no permission: one line, not a traceback from the scoring loop
-        raise SystemExit(f"evaluate.py: --save-pred cannot write {path} ({error}); nothing was scored") from None
+        raise SystemExit(f"evaluate.py: --save-pred cannot write {path} ({error.strerror or error}); the evaluation "
+                         f"stopped at that image, before any score") from None
 
 
 def evaluate_model(model: torch.nn.Module, dataset, dataset_name: str, metrics: Sequence[str] = ("miou",),
@@ -1051,9 +1052,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     print(format_results(results))
     try:
         write_json(results, json_path)
-    except OSError as error:  # e.g. a full disk: the file of that name is left as it was
-        raise SystemExit(f"evaluate.py: cannot write the results to {json_path} ({error}); they are printed "
-                         f"above, and {json_path} is unchanged") from None
+    except OSError as error:  # model.WriteError, e.g. a full disk: the file of that name is left as it was
+        raise SystemExit(f"evaluate.py: {error}; the results are printed above") from None
     print(f"\nresults written to {json_path}")
     return results
 

@@ -453,15 +453,16 @@ def main(args: argparse.Namespace) -> None:
         if crf_params is not None:  # paper Table 6 baseline: dense CRF on the image's colours
             probs = crf.refine(probs, rgb, crf_params)
         label = probs.argmax(dim=0).to(torch.uint8).cpu().numpy()  # [H, W] class (train) ids
+        writing, written = target, done - 1
         try:
             write_prediction(target, label, args.format, palette)
             if overlays is not None:
-                overlay_path = overlay_paths[done - 1]
-                overlay_path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(overlay(rgb, label, palette)).save(overlay_path)
+                writing, written = overlay_paths[done - 1], done
+                writing.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(overlay(rgb, label, palette)).save(writing)
         except OSError as error:  # a full disk, no permission: one line that says how far it got
-            raise SystemExit(f"infer.py: cannot write the prediction of {path} ({error}); {done - 1} of "
-                             f"{len(images)} image(s) were written before it") from None
+            raise SystemExit(f"infer.py: cannot write {writing} ({error.strerror or error}); the predictions of "
+                             f"{written} of {len(images)} image(s) were written") from None
         now = time.perf_counter()
         if now - last_print > PROGRESS_EVERY_S or done == len(images):
             print(f"{evaluate.progress_line(done, len(images), start)}  {path} -> {target}",

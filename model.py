@@ -24,6 +24,7 @@ BatchNorm is trained, not frozen. On several GPUs train.py converts it with
 """
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import zipfile
@@ -386,14 +387,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     """
     path = Path(path)
     folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp_name = folder / f".{path.name}.{secrets.token_hex(4)}.tmp"
-        try:  # O_EXCL: a name nobody else holds; mode 0o666 is reduced by the umask
-            fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            break
-        except FileExistsError:
-            continue
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        while True:
+            tmp_name = folder / f".{path.name}.{secrets.token_hex(4)}.tmp"
+            try:  # O_EXCL: a name nobody else holds; mode 0o666 is reduced by the umask
+                fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                break
+            except FileExistsError:
+                continue
+    except OSError as error:  # no permission, a read-only file system, a file where a folder should be
+        raise write_error(path, error) from error
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -403,13 +407,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     except BaseException as error:
         if os.path.exists(tmp_name):
             os.remove(tmp_name)
-        # A full disk or a quota shows up as OSError, or as torch.save's RuntimeError ("unexpected
-        # pos ..."): one error class that names the file (the old file is still intact).
-        if isinstance(error, (OSError, RuntimeError)):
-            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
-            raise WriteError(f"cannot write {path}: {reason} (the disk may be full; the previous file "
-                             f"is unchanged)") from error
-        raise
+        if isinstance(error, OSError) or is_stream_write_failure(error):
+            raise write_error(path, error) from error
+        raise  # anything else (a bug in `write`, Ctrl-C) as it is
     # Persist the rename itself (the directory entry); not possible on every platform.
     try:
         dir_fd = os.open(folder, os.O_RDONLY)
@@ -425,6 +425,24 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
 
 class WriteError(OSError):
     """A file could not be written (disk full, no permission, ...); the previous file is intact."""
+
+
+def is_stream_write_failure(error: BaseException) -> bool:
+    """torch.save reports a failed write (a full disk, a quota) as a RuntimeError of its zip
+    writer ("PytorchStreamWriter failed writing file ...", "unexpected pos ..."), not an OSError."""
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        mark in text for mark in ("PytorchStreamWriter", "unexpected pos", "inline_container", "file write failed"))
+
+
+def write_error(path: Path, error: BaseException) -> WriteError:
+    """One WriteError naming the file and the reason; 'the disk may be full' only where that is
+    what the error says (or torch.save's writer failed, which reports no reason)."""
+    full = (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)) \
+        or not isinstance(error, OSError)
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+    hint = "the disk may be full; " if full else ""
+    return WriteError(f"cannot write {path}: {reason} ({hint}the previous file is unchanged)")
 
 
 class NonFiniteCheckpointError(ValueError):

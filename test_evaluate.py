@@ -642,21 +642,27 @@ def test_the_results_file_is_replaced_atomically(tmp_path: Path):
 
 
 def test_a_failed_results_write_is_one_line_that_keeps_the_old_file(tmp_path: Path, monkeypatch, capsys):
+    """The results of a whole evaluation are printed, and an earlier results file of that name is
+    left as it was, when the disk is full at the write (os.fsync failing, as it does then)."""
     import errno
+    import os
 
     ckpt = tiny_checkpoint(tmp_path)
+    results = tmp_path / "r.json"
+    results.write_text('{"miou": 0.5}\n')
 
-    def full_disk(results, path):
+    def full_disk(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(evaluate, "write_json", full_disk)
+    monkeypatch.setattr(os, "fsync", full_disk)
     with pytest.raises(SystemExit) as info:
         evaluate.main(evaluate.get_args_parser().parse_args(
-            ["--ckpt", str(ckpt), "--length", "1", "--workers", "0", "--device", "cpu",
-             "--json", str(tmp_path / "r.json")]))
-    assert str(info.value) == (f"evaluate.py: cannot write the results to {tmp_path / 'r.json'} ([Errno 28] No space "
-                               f"left on device); they are printed above, and {tmp_path / 'r.json'} is unchanged")
+            ["--ckpt", str(ckpt), "--length", "1", "--workers", "0", "--device", "cpu", "--json", str(results)]))
+    assert str(info.value) == (f"evaluate.py: cannot write {results}: No space left on device (the disk may be full; "
+                               f"the previous file is unchanged); the results are printed above")
     assert "mIoU" in capsys.readouterr().out
+    assert results.read_text() == '{"miou": 0.5}\n'
+    assert not list(tmp_path.glob(".r.json.*.tmp"))
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -712,4 +718,5 @@ def test_a_full_disk_under_save_pred_is_one_line(tmp_path: Path, monkeypatch):
         evaluate.main(evaluate.get_args_parser().parse_args(argv))
     message = str(info.value)
     assert message.startswith(f"evaluate.py: --save-pred cannot write {tmp_path / 'preds'}/im")
-    assert "No space left on device" in message and "\n" not in message
+    assert message.endswith("(No space left on device); the evaluation stopped at that image, before any score")
+    assert "\n" not in message

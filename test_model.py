@@ -466,3 +466,38 @@ def test_pretrained_state_dict_mismatch_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="pretrained weights file not found"):
         build_model("fcn", 3, "resnet18", pretrained=tmp_path / "absent.pth")
 
+
+
+def test_atomic_write_names_write_failures_and_keeps_bugs_as_they_are(tmp_path, monkeypatch):
+    """A failure to create the file (no permission, say) is a WriteError without the 'disk may be
+    full' guess; a full disk says so; an error of the writer itself (a bug) is not disguised."""
+    import errno
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"old")
+    real_open = os.open
+
+    def no_permission(name, *args, **kwargs):
+        if str(name).startswith(str(tmp_path / ".f.bin.")):
+            raise PermissionError(errno.EACCES, "Permission denied", str(name))
+        return real_open(name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_permission)
+    with pytest.raises(model_lib.WriteError) as info:
+        model_lib.atomic_write(path, lambda f: f.write(b"new"))
+    assert str(info.value) == f"cannot write {path}: Permission denied (the previous file is unchanged)"
+    monkeypatch.setattr(os, "open", real_open)
+
+    def full(f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(model_lib.WriteError, match=r"No space left on device \(the disk may be full; the previous"):
+        model_lib.atomic_write(path, full)
+
+    def bug(f):
+        raise RuntimeError("shape mismatch in the writer")
+
+    with pytest.raises(RuntimeError, match="shape mismatch") as info:
+        model_lib.atomic_write(path, bug)
+    assert not isinstance(info.value, OSError)
+    assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]

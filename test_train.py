@@ -455,7 +455,7 @@ def test_non_finite_weights_after_a_finite_step_stop_before_any_checkpoint(tmp_p
     ("--compile", "nosuchbackend", "--compile nosuchbackend: unknown torch.compile backend"),
     ("--kernel-sizes", "3 3", "--kernel-sizes [3, 3]: a size is listed twice"),
     ("--kernel-sizes", "3 257", "--kernel-sizes 257 pairs logits 128 apart, beyond the 16x16 logits of a 128-px crop"),
-    ("--out", __file__ + "/run", "is a file, not a folder"),
+    ("--out", __file__ + "/run", "is a file, so nothing can be created below it"),
 ])
 def test_bad_flag_values_are_one_line_errors_not_defaults(flag, value, expected):
     with pytest.raises(SystemExit) as stop:
@@ -964,3 +964,64 @@ def test_resume_refuses_another_accum_steps_also_for_checkpoints_from_before_the
     args.accum_steps = 2
     with pytest.raises(SystemExit, match="--accum-steps: 2 now, 1 in the checkpoint"):
         train.check_resume_args(args, ckpt, world_size=1)
+
+
+def test_a_stop_after_model_pt_is_written_says_the_training_finished(tmp_path, monkeypatch):
+    """Ctrl-C in the final evaluation used to say 'continue with --resume last.pt' of an earlier
+    step, although model.pt was complete."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "evaluate_after_training", interrupted)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        train_main("--dataset", "synthetic", "--crop-size", "48", "--batch-size", "2", "--iters", "4",
+                   "--save-every", "3", "--out", str(out))
+    assert str(stop.value) == (f"train.py: stopped by Ctrl-C; the training had finished: {out / 'model.pt'} (step 4) "
+                               f"is complete; score it with python evaluate.py --ckpt {out / 'model.pt'}")
+
+
+def test_an_out_folder_that_cannot_be_created_is_one_line(tmp_path, monkeypatch):
+    real_mkdir = Path.mkdir
+    out = tmp_path / "locked" / "run"
+
+    def no_permission(self, *args, **kwargs):
+        if self == out:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", no_permission)
+    with pytest.raises(SystemExit) as stop:
+        train_main(*run_args(out))
+    assert str(stop.value) == (f"train.py: cannot create {out / '.train.lock'} (Permission denied); --out must be a "
+                               "folder this user can write")
+
+
+def test_resume_takes_a_checkpoint_that_does_not_record_its_training_set_size():
+    args, _ = train.resolve_args(train.get_args_parser().parse_args(run_args(Path("x"), "--resume", "x/last.pt")))
+    ckpt = {"args": vars(args), "train_size": None, "world_size": 1}
+    train.check_resume_args(args, ckpt, world_size=1, train_size=2000)   # nothing to compare: no refusal
+    with pytest.raises(SystemExit, match="trained on 100 train images, the data set now has 2000"):
+        train.check_resume_args(args, {**ckpt, "train_size": 100}, world_size=1, train_size=2000)
+
+
+def test_the_run_lock_is_taken_on_the_lock_file_that_is_there(tmp_path, monkeypatch):
+    """A start that opened .train.lock just before the holder's release unlinked it held a lock on
+    a deleted file, while a third start could lock a new one: two runs in one folder."""
+    import fcntl
+
+    real_flock, calls = fcntl.flock, []
+
+    def release_in_between(fd, operation):
+        if not calls:  # the previous holder's release() unlinks the file after our open()
+            (tmp_path / train.RunLock.NAME).unlink()
+        calls.append(operation)
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", release_in_between)
+    lock = train.RunLock(tmp_path)
+    try:
+        assert lock.refusal is None and len(calls) == 2  # retried on the file that exists now
+        assert os.path.samestat(os.fstat(lock.fd), os.stat(tmp_path / train.RunLock.NAME))
+    finally:
+        lock.release()

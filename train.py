@@ -246,9 +246,8 @@ def given_value_problems(args: argparse.Namespace) -> list[str]:
             problems.append(f"{flag_name(dest)} {value} must be a finite number")
         elif value < low or (high is not None and value >= high):
             problems.append(f"{flag_name(dest)} {value} must be in [{low:g}, {'inf' if high is None else f'{high:g}'})")
-    for dest in ("data_root", "out", "resume", "init", "pretrained"):
-        if getattr(args, dest, None) == "":
-            problems.append(f"{flag_name(dest)} is empty")
+    problems += evaluate.empty_path_problems({flag_name(dest): getattr(args, dest, None)
+                                              for dest in ("data_root", "out", "resume", "init", "pretrained")})
     if getattr(args, "kill_at", None) is not None:
         rank, _, step = args.kill_at.partition(":")
         if not (rank.isdigit() and step.isdigit()):
@@ -349,11 +348,9 @@ def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, data.Dat
         if far:
             problems.append(f"--kernel-sizes {far[0]} pairs logits {(far[0] - 1) // 2} apart, beyond the {side}x{side} "
                             f"logits of a {args.crop_size}-px crop: its term would always be 0")
-    for folder in (Path(args.out), *Path(args.out).parents):  # the first existing one must be a folder
-        if folder.exists():
-            if not folder.is_dir():
-                problems.append(f"--out {args.out}: {folder} is a file, not a folder")
-            break
+    out_problem = evaluate.output_path_problem(args.out, "--out", folder=True) if args.out else None
+    if out_problem:  # an existing file, or a path below one
+        problems.append(out_problem)
     if args.loss in ("random", "embedding") and len(args.kernel_sizes) != 1:
         problems.append(f"--loss {args.loss} takes one kernel size, got {args.kernel_sizes}")
     if args.loss in ("ce", "gan") and args.kernel_sizes:
@@ -398,8 +395,9 @@ def setup_distributed(device_arg: str) -> tuple[Dist, torch.device]:
                 int(os.environ.get("LOCAL_RANK", 0)))
     device = torch.device(device_arg)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("train.py: --device cuda but no GPU is visible")
+        problem = infer.device_problem(device_arg)
+        if problem:
+            raise SystemExit(f"train.py: {problem}")
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
     if dist.enabled and device.type == "cuda":
@@ -1037,8 +1035,9 @@ def check_resume_args(args: argparse.Namespace, ckpt: dict, world_size: int, is_
     if changed:
         raise SystemExit(f"train.py: --resume {args.resume} was written with other settings; pass the "
                          "original run's flags (" + "; ".join(changed) + ")")
-    if train_size is not None and ckpt.get("train_size", train_size) != train_size:
-        raise SystemExit(f"train.py: --resume {args.resume} trained on {ckpt['train_size']} {args.train_split} "
+    saved_size = ckpt.get("train_size")  # None: a checkpoint from before the check, nothing to compare
+    if train_size is not None and saved_size is not None and saved_size != train_size:
+        raise SystemExit(f"train.py: --resume {args.resume} trained on {saved_size} {args.train_split} "
                          f"images, the data set now has {train_size}: the data order would differ from the "
                          "interrupted run (restore the data set, or start a new run with --init)")
     if ckpt.get("world_size", world_size) != world_size and is_main:
@@ -1114,16 +1113,32 @@ class RunLock:
             import fcntl
         except ImportError:
             return
-        out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out / self.NAME, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        path = out / self.NAME
+        while True:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as error:  # no permission, a read-only file system
+                self.refusal = (f"train.py: cannot create {path} ({error.strerror or error}); --out must be a "
+                                "folder this user can write")
+                return
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                self.refusal = (f"train.py: another train.py (pid {holder}) is writing into {out} right now; "
+                                "wait for it to end or choose another --out")
+                return
+            # release() unlinks the file before it unlocks: a lock taken on a file that has been
+            # unlinked meanwhile is no lock (a third start would create and lock a new file). Retry.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-            self.refusal = (f"train.py: another train.py (pid {holder}) is writing into {out} right now; "
-                            "wait for it to end or choose another --out")
-            return
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd
@@ -1345,8 +1360,13 @@ def failure_line(err: BaseException, dist: Dist, out: Path) -> tuple[str, bool] 
 
 
 def kept_checkpoint(out: Path, resumable: bool = True) -> str:
-    """Where the run can be continued from, for the line a stopped run ends with."""
-    last = out / "last.pt"
+    """Where the run can be continued from, for the line a stopped run ends with; a run stopped
+    after its model.pt was written (in the final evaluation, say) is finished, not resumable."""
+    last, final = out / "last.pt", out / "model.pt"
+    final_step = checkpoint_step(final) if final.exists() else None
+    if final_step is not None and final_step >= (checkpoint_step(last) or 0):
+        return (f"the training had finished: {final} (step {final_step}) is complete; score it with "
+                f"python evaluate.py --ckpt {final}")
     if not last.exists():
         return "no checkpoint was written yet"
     step = checkpoint_step(last)
