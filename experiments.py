@@ -212,10 +212,7 @@ def report(name: str, out: Path, results_dir: Path = ROOT / "results") -> str:
             lines.append(f"| {term} | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
     lines += ["", "Commands (per seed S):", ""]
     for method, rs in runs.items():
-        seed = rs[0]["train_args"]["seed"]
-        command = rs[0]["train_command"].replace(f"--seed {seed}", "--seed S").replace(f"seed{seed}", "seedS")
-        command = re.sub(r" --(overwrite|resume \S+)", "", command)  # how run_one restarted it, not the recipe
-        lines.append("    " + command.replace(str(ROOT) + "/", "").replace(str(ROOT.parent) + "/", "../"))
+        lines.append("    " + recipe(rs[0]["train_command"], rs[0]["train_args"]["seed"]))
     lines += ["", f"Or all of them: `python experiments.py run {name}`."]
     text = "\n".join(lines) + "\n"
     results = Path(results_dir)
@@ -296,6 +293,14 @@ def update_readme(name: str, text: str, readme: Path = ROOT / "README.md") -> No
     head, rest = src.split(start, 1)
     _, tail = rest.split(end, 1)
     readme.write_text(f"{head}{start}\n{text}{end}{tail}")
+
+
+def recipe(command: str, seed: int) -> str:
+    """A run's train.py command as the README lists it: per seed S, without the --overwrite or
+    --resume of how run_one (re)started it, paths relative to the repository."""
+    command = command.replace(f"--seed {seed}", "--seed S").replace(f"seed{seed}", "seedS")
+    command = re.sub(r" --(overwrite|resume \S+)", "", command)
+    return command.replace(str(ROOT) + "/", "").replace(str(ROOT.parent) + "/", "../")
 
 
 def shown(path: Path) -> str:

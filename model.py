@@ -442,7 +442,8 @@ def write_error(path: Path, error: BaseException) -> WriteError:
         or not isinstance(error, OSError)
     reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
     hint = "the disk may be full; " if full else ""
-    return WriteError(f"cannot write {path}: {reason} ({hint}the previous file is unchanged)")
+    kept = "the previous file is unchanged" if path.exists() else "nothing was written"
+    return WriteError(f"cannot write {path}: {reason} ({hint}{kept})")
 
 
 class NonFiniteCheckpointError(ValueError):

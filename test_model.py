@@ -501,3 +501,6 @@ def test_atomic_write_names_write_failures_and_keeps_bugs_as_they_are(tmp_path, 
         model_lib.atomic_write(path, bug)
     assert not isinstance(info.value, OSError)
     assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+    with pytest.raises(model_lib.WriteError) as info:  # no earlier file: nothing to keep
+        model_lib.atomic_write(tmp_path / "new.bin", full)
+    assert str(info.value).endswith("(the disk may be full; nothing was written)")

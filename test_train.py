@@ -978,7 +978,7 @@ def test_a_stop_after_model_pt_is_written_says_the_training_finished(tmp_path, m
         train_main("--dataset", "synthetic", "--crop-size", "48", "--batch-size", "2", "--iters", "4",
                    "--save-every", "3", "--out", str(out))
     assert str(stop.value) == (f"train.py: stopped by Ctrl-C; the training had finished: {out / 'model.pt'} (step 4) "
-                               f"is complete; score it with python evaluate.py --ckpt {out / 'model.pt'}")
+                               f"is complete; score it with python evaluate.py --ckpt {out / 'model.pt'} --metric all")
 
 
 def test_an_out_folder_that_cannot_be_created_is_one_line(tmp_path, monkeypatch):
@@ -1025,3 +1025,40 @@ def test_the_run_lock_is_taken_on_the_lock_file_that_is_there(tmp_path, monkeypa
         assert os.path.samestat(os.fstat(lock.fd), os.stat(tmp_path / train.RunLock.NAME))
     finally:
         lock.release()
+
+
+def test_a_stop_before_training_does_not_take_an_old_model_pt_for_this_run(tmp_path, monkeypatch):
+    """The 'training had finished' line comes from this start having written model.pt, not from
+    a model.pt lying in the folder (here one that --overwrite is about to replace)."""
+    out = tmp_path / "run"
+    train_main(*run_args(out, "--loss", "ce", "--save-every", "2"))   # a finished 4-step run: model.pt
+    real_prepare = train.prepare_run_folder
+
+    def interrupted(*args, **kwargs):  # Ctrl-C before --overwrite has cleared the folder
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "prepare_run_folder", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        train_main(*run_args(out, "--loss", "ce", "--iters", "8", "--overwrite"))
+    assert "had finished" not in str(stop.value)
+    assert str(stop.value).startswith("train.py: stopped by Ctrl-C; the last good checkpoint is ")
+    monkeypatch.setattr(train, "prepare_run_folder", real_prepare)
+
+
+def test_a_file_system_without_locks_or_with_a_changing_lock_file_runs_unlocked(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    lock = train.RunLock(tmp_path)
+    assert lock.refusal is None and lock.fd is None
+    assert f"{tmp_path / train.RunLock.NAME} cannot be locked here (No locks available); running without" \
+        in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.setattr(os.path, "samestat", lambda a, b: False)  # fstat and stat never agree
+    lock = train.RunLock(tmp_path)                                  # bounded: ends, does not spin
+    assert lock.refusal is None and lock.fd is None
+    assert "kept being replaced while it was locked" in capsys.readouterr().err

@@ -1105,6 +1105,11 @@ class RunLock:
     Without fcntl (not POSIX) there is no lock."""
 
     NAME = ".train.lock"
+    TRIES = 10
+
+    @staticmethod
+    def unlocked(why: str) -> None:
+        print(f"train.py: warning: {why}; running without the one-run-per-folder lock", file=sys.stderr)
 
     def __init__(self, out: Path):
         self.out, self.fd, self.refusal = out, None, None
@@ -1114,21 +1119,27 @@ class RunLock:
         except ImportError:
             return
         path = out / self.NAME
-        while True:
+        for _ in range(self.TRIES):
             try:
                 out.mkdir(parents=True, exist_ok=True)
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            except FileNotFoundError:  # another start's release() removed the empty folder meanwhile
+                continue
             except OSError as error:  # no permission, a read-only file system
                 self.refusal = (f"train.py: cannot create {path} ({error.strerror or error}); --out must be a "
                                 "folder this user can write")
                 return
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except BlockingIOError:  # EWOULDBLOCK: held by a running train.py
                 holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
                 os.close(fd)
                 self.refusal = (f"train.py: another train.py (pid {holder}) is writing into {out} right now; "
                                 "wait for it to end or choose another --out")
+                return
+            except OSError as error:  # e.g. ENOLCK: a network file system without locks
+                os.close(fd)
+                self.unlocked(f"{path} cannot be locked here ({error.strerror or error})")
                 return
             # release() unlinks the file before it unlocks: a lock taken on a file that has been
             # unlinked meanwhile is no lock (a third start would create and lock a new file). Retry.
@@ -1139,6 +1150,9 @@ class RunLock:
             if same:
                 break
             os.close(fd)
+        else:  # the file kept changing under us, or this file system's fstat and stat disagree
+            self.unlocked(f"{path} kept being replaced while it was locked")
+            return
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd
@@ -1339,6 +1353,8 @@ def failure_line(err: BaseException, dist: Dist, out: Path) -> tuple[str, bool] 
     own input errors, a non-finite stop, a failed write (disk full), Ctrl-C, SIGTERM and a lost
     torchrun peer; None for anything else (a bug keeps its traceback)."""
     rank = f"rank {dist.rank}: " if dist.enabled else ""
+    # Stopped after this start wrote model.pt (in the final evaluation, say): nothing to resume.
+    kept = getattr(err, "finished_model", None) or kept_checkpoint(out)
     if isinstance(err, UnreadableSample):  # met by the one rank that loaded the sample
         return f"train.py: {rank}{err}", True
     if isinstance(err, (data.DatasetError, model_lib.WeightsError)):  # data root or file, weights, checkpoint
@@ -1346,27 +1362,22 @@ def failure_line(err: BaseException, dist: Dist, out: Path) -> tuple[str, bool] 
     if isinstance(err, NonFiniteError):  # raised on every rank at the same check (FiniteGuard reduces first)
         return f"train.py: {err}", False
     if isinstance(err, model_lib.WriteError):  # a full disk while writing a checkpoint or the log
-        return f"train.py: {rank}{err}; {kept_checkpoint(out)}", True
+        return f"train.py: {rank}{err}; {kept}", True
     if isinstance(err, KeyboardInterrupt):  # Ctrl-C: how most users stop a run; nothing is lost
-        return f"train.py: {rank}stopped by Ctrl-C; {kept_checkpoint(out)}", True
+        return f"train.py: {rank}stopped by Ctrl-C; {kept}", True
     if isinstance(err, Terminated):
         return (f"train.py: {rank}stopped by SIGTERM"
                 + (" (torchrun stops the job when one of its processes fails)" if dist.enabled else "")
-                + f"; {kept_checkpoint(out)}"), True
+                + f"; {kept}"), True
     if isinstance(err, RuntimeError) and is_lost_peer(err, dist):
         return (f"train.py: rank {dist.rank}: lost contact with another process of the job (it crashed "
-                f"or was killed; see its own message); {kept_checkpoint(out)}"), True
+                f"or was killed; see its own message); {kept}"), True
     return None
 
 
 def kept_checkpoint(out: Path, resumable: bool = True) -> str:
-    """Where the run can be continued from, for the line a stopped run ends with; a run stopped
-    after its model.pt was written (in the final evaluation, say) is finished, not resumable."""
-    last, final = out / "last.pt", out / "model.pt"
-    final_step = checkpoint_step(final) if final.exists() else None
-    if final_step is not None and final_step >= (checkpoint_step(last) or 0):
-        return (f"the training had finished: {final} (step {final_step}) is complete; score it with "
-                f"python evaluate.py --ckpt {final}")
+    """Where the run can be continued from, for the line a stopped run ends with."""
+    last = out / "last.pt"
     if not last.exists():
         return "no checkpoint was written yet"
     step = checkpoint_step(last)
@@ -1487,14 +1498,19 @@ def train(args: argparse.Namespace, info: data.DatasetInfo, dist: Dist, device: 
     if dist.is_main:  # the last log line above already showed the AAF field sizes
         model_lib.save_checkpoint(checkpoint(parts, args, info, end, device, dist.world_size, len(train_set)), final)
         print(f"train.py: wrote {final} (step {end})", flush=True)  # before the evaluation, which may fail
-    # Evaluation runs on rank 0 alone after the group is gone, so no collective can time out.
-    cleanup_distributed()
-    miou = evaluate_after_training(parts.model_without_ddp, args, info, device, log_path, writer) \
-        if dist.is_main and args.eval else None
+    root = f" --data-root {args.data_root}" if args.data_root else ""
+    try:
+        # Evaluation runs on rank 0 alone after the group is gone, so no collective can time out.
+        cleanup_distributed()
+        miou = evaluate_after_training(parts.model_without_ddp, args, info, device, log_path, writer) \
+            if dist.is_main and args.eval else None
+    except BaseException as err:  # e.g. Ctrl-C in the evaluation: the run itself is complete
+        err.finished_model = (f"the training had finished: {final} (step {end}) is complete; score it with "
+                              f"python evaluate.py --ckpt {final} --metric all{root}")
+        raise
     if writer is not None:
         writer.close()
     if dist.is_main:
-        root = f" --data-root {args.data_root}" if args.data_root else ""
         print(f"  evaluate it with: python evaluate.py --ckpt {final} --metric all{root}", flush=True)
         if args.loss == "aaf":
             print(f"  learned field sizes (Fig. 3): python evaluate.py --ckpt {final} --metric kernels", flush=True)
