@@ -525,9 +525,14 @@ def resize_bilinear(image: np.ndarray, size: tuple[int, int], rows: np.ndarray |
     _, h, w = image.shape
     rows = np.arange(size[0]) if rows is None else rows
     cols = np.arange(size[1]) if cols is None else cols
-    r0, r1, fr = _linear_taps(h, size[0], rows)
+    return _bilinear_at(image, _linear_taps(h, size[0], rows), _linear_taps(w, size[1], cols))
+
+
+def _bilinear_at(image: np.ndarray, row_taps, col_taps) -> np.ndarray:
+    """[C, H, W] float32 at the bilinear taps (i0, i1, weight of i1) of each output row and column."""
+    r0, r1, fr = row_taps
+    c0, c1, fc = col_taps
     out = image[:, r0] * (1 - fr)[:, None] + image[:, r1] * fr[:, None]  # [C, len(rows), W]
-    c0, c1, fc = _linear_taps(w, size[1], cols)
     return out[:, :, c0] * (1 - fc) + out[:, :, c1] * fc  # [C, len(rows), len(cols)]
 
 
@@ -546,16 +551,21 @@ def random_scale_flip_crop(
     crop_size: tuple[int, int],
     scale_range: tuple[float, float],
     rng: np.random.Generator,
+    to_float: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """docs/protocol.md §6: random scale, random mirror, pad, random crop; one draw for image and maps.
 
-    image: float32 [3, H, W] normalised (so padding with 0 is padding with the mean colour).
+    image: float32 [3, H, W] normalised (so padding with 0 is padding with the mean colour), or,
+    with `to_float` (uint8 [h, w, 3] -> normalised float32 [3, h, w], per pixel), the uint8
+    [H, W, 3] image: then only the window of source pixels that the crop's bilinear taps read is
+    converted (the same numbers, since the conversion is per pixel; at a 720 crop of a 2048x1024
+    image most of the full-image conversion is skipped).
     maps: [(map [H, W] int64, pad value)], e.g. (label, 255) and (instance, its void id);
     they are resized by nearest neighbour so that no new values appear.
     Equivalent to resize -> flip -> pad bottom/right -> crop, but only the kept pixels are
     computed: crop pixel (i, j) is scaled pixel (y0 + i, x0 + j) of the flipped, padded image.
     """
-    _, h, w = image.shape
+    h, w = image.shape[:2] if to_float is not None else image.shape[1:]
     scale = rng.uniform(*scale_range)
     flip = rng.random() < 0.5
     sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
@@ -567,8 +577,14 @@ def random_scale_flip_crop(
     cols = np.arange(x0, x0 + n_cols)
     if flip:
         cols = sw - 1 - cols  # padding is added after the mirror, so it stays bottom/right
-    out_image = np.zeros((image.shape[0], ch, cw), np.float32)  # 0 = the mean colour
-    out_image[:, :n_rows, :n_cols] = resize_bilinear(image, (sh, sw), rows, cols)
+    out_image = np.zeros((3, ch, cw), np.float32)  # 0 = the mean colour
+    row_taps, col_taps = _linear_taps(h, sh, rows), _linear_taps(w, sw, cols)
+    if to_float is not None:  # convert only the window of source rows and columns the taps read
+        (r0, r1, fr), (c0, c1, fc) = row_taps, col_taps
+        top, left = int(r0.min()), int(c0.min())  # the taps grow with the index: min of i0, max of i1
+        image = to_float(image[top:int(r1.max()) + 1, left:int(c1.max()) + 1])  # [3, rows read, cols read]
+        row_taps, col_taps = (r0 - top, r1 - top, fr), (c0 - left, c1 - left, fc)
+    out_image[:, :n_rows, :n_cols] = _bilinear_at(image, row_taps, col_taps)
     out_maps = []
     for m, pad in maps:
         out = np.full((ch, cw), pad, m.dtype)
@@ -614,14 +630,15 @@ class SegmentationDataset(Dataset):
 
     def _make_sample(self, index: int, image: np.ndarray, label: np.ndarray,
                      instance: np.ndarray | None, name: str) -> dict:
-        x = normalize(image, self.info.mean, self.info.std)  # [3, H, W]
         maps = [(label.astype(np.int64), IGNORE_INDEX)]  # [H, W]
         if instance is not None:
             maps.append((instance.astype(np.int64), self.instance_void))
-        if self.train:
+        if self.train:  # normalised inside the crop, only where the crop reads the image
             rng = sample_generator(self.seed, self.epoch, index)
-            x, outs = random_scale_flip_crop(x, maps, self.crop_size, self.scale_range, rng)
+            x, outs = random_scale_flip_crop(image, maps, self.crop_size, self.scale_range, rng,
+                                             to_float=lambda rgb: normalize(rgb, self.info.mean, self.info.std))
         else:
+            x = normalize(image, self.info.mean, self.info.std)  # [3, H, W]
             outs = [m for m, _ in maps]  # evaluation: the full image untouched
         sample = {"image": torch.from_numpy(x), "label": torch.from_numpy(outs[0]), "name": name}
         if instance is not None:

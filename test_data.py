@@ -431,6 +431,24 @@ def test_crop_only_transform_equals_resize_then_crop() -> None:
         assert np.array_equal(y, ref_y)
 
 
+def test_converting_only_the_pixels_the_crop_reads_gives_the_full_conversions_numbers() -> None:
+    """The training transform normalises only the source pixels its bilinear taps read; the crop
+    must be bit for bit the crop of the fully normalised image (scales 0.5-2, mirrors, padding,
+    a crop larger than the image)."""
+    gen = np.random.default_rng(1)
+    rgb = gen.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    label = gen.integers(0, 5, (37, 53))
+    mean, std = (0.41, 0.46, 0.49), (0.23, 0.22, 0.27)
+    full = data.normalize(rgb, mean, std)
+    for crop in ((40, 48), (64, 80), (9, 7)):
+        for k in range(40):
+            x, (y,) = data.random_scale_flip_crop(rgb, [(label, 255)], crop, (0.5, 2.0), np.random.default_rng(k),
+                                                  to_float=lambda im: data.normalize(im, mean, std))
+            ref_x, (ref_y,) = data.random_scale_flip_crop(full, [(label, 255)], crop, (0.5, 2.0),
+                                                          np.random.default_rng(k))
+            assert x.dtype == np.float32 and np.array_equal(x, ref_x) and np.array_equal(y, ref_y)
+
+
 def test_augmentation_is_reproducible_and_independent_of_workers() -> None:
     ds = data.build_dataset("synthetic", None, "train", train=True, seed=5, length=4)
     ds.set_epoch(2)
