@@ -514,22 +514,14 @@ def _nearest_taps(src: int, dst: int, idx: np.ndarray) -> np.ndarray:
     return np.minimum(((idx + 0.5) * (src / dst)).astype(np.intp), src - 1)
 
 
-def resize_bilinear(image: np.ndarray, size: tuple[int, int], rows: np.ndarray | None = None,
-                    cols: np.ndarray | None = None) -> np.ndarray:
-    """[C, H, W] float32 resized to `size`, evaluated only at output `rows` x `cols` (default all).
+def _bilinear_at(image: np.ndarray, row_taps, col_taps) -> np.ndarray:
+    """[C, H, W] float32 resized bilinearly, evaluated at the taps (i0, i1, weight of i1) of the
+    wanted output rows and columns (`_linear_taps`).
 
     Same numbers as `F.interpolate(mode="bilinear", align_corners=False)`, in numpy: torch's
     intra-op threads slow per-sample work down badly on a busy CPU, and computing only the
     pixels that a crop keeps saves most of the work at large scales.
     """
-    _, h, w = image.shape
-    rows = np.arange(size[0]) if rows is None else rows
-    cols = np.arange(size[1]) if cols is None else cols
-    return _bilinear_at(image, _linear_taps(h, size[0], rows), _linear_taps(w, size[1], cols))
-
-
-def _bilinear_at(image: np.ndarray, row_taps, col_taps) -> np.ndarray:
-    """[C, H, W] float32 at the bilinear taps (i0, i1, weight of i1) of each output row and column."""
     r0, r1, fr = row_taps
     c0, c1, fc = col_taps
     out = image[:, r0] * (1 - fr)[:, None] + image[:, r1] * fr[:, None]  # [C, len(rows), W]

@@ -1499,19 +1499,21 @@ def train(args: argparse.Namespace, info: data.DatasetInfo, dist: Dist, device: 
         model_lib.save_checkpoint(checkpoint(parts, args, info, end, device, dist.world_size, len(train_set)), final)
         print(f"train.py: wrote {final} (step {end})", flush=True)  # before the evaluation, which may fail
     root = f" --data-root {args.data_root}" if args.data_root else ""
+    score_cmd = f"python evaluate.py --ckpt {final} --metric all{root}"
     try:
         # Evaluation runs on rank 0 alone after the group is gone, so no collective can time out.
         cleanup_distributed()
         miou = evaluate_after_training(parts.model_without_ddp, args, info, device, log_path, writer) \
             if dist.is_main and args.eval else None
     except BaseException as err:  # e.g. Ctrl-C in the evaluation: the run itself is complete
-        err.finished_model = (f"the training had finished: {final} (step {end}) is complete; score it with "
-                              f"python evaluate.py --ckpt {final} --metric all{root}")
+        if dist.is_main:  # the rank that wrote model.pt (the others do not wait for the write)
+            err.finished_model = (f"the training had finished: {final} (step {end}) is complete; "
+                                  f"score it with {score_cmd}")
         raise
     if writer is not None:
         writer.close()
     if dist.is_main:
-        print(f"  evaluate it with: python evaluate.py --ckpt {final} --metric all{root}", flush=True)
+        print(f"  evaluate it with: {score_cmd}", flush=True)
         if args.loss == "aaf":
             print(f"  learned field sizes (Fig. 3): python evaluate.py --ckpt {final} --metric kernels", flush=True)
     return {"out": str(out), "step": end, "checkpoint": str(final), "miou": miou}
