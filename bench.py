@@ -239,6 +239,7 @@ def bench_train(args: argparse.Namespace) -> None:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
     import data
+    import distributed
     import train
 
     peak_flops = H100_BF16_PEAK
@@ -257,7 +258,7 @@ def bench_train(args: argparse.Namespace) -> None:
     for loss in losses:
         step_args, info = train.resolve_args(train.get_args_parser().parse_args(preset + ["--loss", loss]))
         torch.manual_seed(0)
-        runs[loss] = (train.build_parts(step_args, info, device, train.Dist()), step_args)
+        runs[loss] = (train.build_parts(step_args, info, device, distributed.Dist()), step_args)
     # Realistic label maps: one batch of synthetic street scenes (on VOC's 21 classes, 8 occur).
     dataset = data.build_dataset("synthetic", None, "train", train=True, crop_size=step_args.crop_size)
     dataset.set_epoch(0)
@@ -322,10 +323,11 @@ def bench_eval(args: argparse.Namespace) -> None:
 
     import numpy as np
 
+    import checks
     import evaluate
 
     num_images, height, width, num_classes = 1449, 375, 500, 21
-    workers = evaluate.usable_cpus()
+    workers = checks.usable_cpus()
 
     def smooth_field(rng: np.random.Generator, cells: tuple[int, int]) -> np.ndarray:
         # [height, width] smooth noise: coarse Gaussian noise, bilinearly interpolated rows then
@@ -572,8 +574,9 @@ def bench_data(args: argparse.Namespace) -> None:
     import time
     from pathlib import Path
     import torch
+    import checks
     import data
-    import evaluate
+    import distributed
     import train
 
     workers = args.workers if args.workers is not None else sorted({0, train.default_workers("cuda")})
@@ -592,7 +595,7 @@ def bench_data(args: argparse.Namespace) -> None:
     print(f"Cityscapes-sized fixture: {args.fixture_pairs} pairs of 2048x1024 PNGs, image {size / 2**20:.1f} MiB "
           f"each (written in {time.perf_counter() - t0:.0f} s)")
     cases.append(("cityscapes", tmp.name, "2048x1024"))
-    print(f"# bench.py data  torch {torch.__version__}  {evaluate.usable_cpus()} usable CPUs  "
+    print(f"# bench.py data  torch {torch.__version__}  {checks.usable_cpus()} usable CPUs  "
           f"{platform.processor() or platform.machine()}  load average {os.getloadavg()[0]:.1f}")
     print(f"batch 8; median images/s of {args.rounds} windows of {args.batches} batches (min-max); "
           "first batch = time to the first batch, worker start-up included")
@@ -611,7 +614,7 @@ def bench_data(args: argparse.Namespace) -> None:
                 dataset = data.build_dataset(name, root, run_args.train_split, train=True, crop_size=crop,
                                              scale_range=info.scale_range, seed=0)
                 start = time.perf_counter()
-                batches = train.training_batches(dataset, run_args, train.Dist(), 0, pin_memory=False)
+                batches = train.training_batches(dataset, run_args, distributed.Dist(), 0, pin_memory=False)
                 next(batches)
                 first = time.perf_counter() - start
                 rates = []

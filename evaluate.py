@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import math
 import multiprocessing
 import os
@@ -35,6 +34,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+import checkpoint
+import checks
 import crf
 import data
 import infer
@@ -528,22 +529,6 @@ class BoundaryPool:
 # --------------------------------------------------------------------------------------------
 # 4. Scoring a data set
 # --------------------------------------------------------------------------------------------
-def progress_line(done: int, total: int, start: float) -> str:
-    """'[12/1449] 3.1 img/s, elapsed 0:04, ETA 7:43'."""
-    elapsed = time.perf_counter() - start
-    rate = done / elapsed if elapsed > 0 else 0.0
-    eta = (total - done) / rate if rate > 0 else math.nan
-
-    def clock(seconds: float) -> str:
-        if math.isnan(seconds):
-            return "?"
-        minutes, secs = divmod(int(round(seconds)), 60)
-        hours, minutes = divmod(minutes, 60)
-        return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-    return f"[{done}/{total}] {rate:.2f} img/s, elapsed {clock(elapsed)}, ETA {clock(eta)}"
-
-
 def score_pairs(pairs: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray | None]], num_classes: int,
                 dataset_name: str, metrics: Sequence[str] = ("miou",), max_dist: float = DEFAULT_MAX_DIST,
                 workers: int = 0, total: int | None = None, progress: bool = True) -> dict[str, np.ndarray]:
@@ -576,7 +561,7 @@ def score_pairs(pairs: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray | None]
             done += 1
             now = time.perf_counter()
             if progress and (now - last_print > 2.0 or done == total):
-                print(progress_line(done, total or done, start), file=sys.stderr, flush=True)
+                print(infer.progress_line(done, total or done, start), file=sys.stderr, flush=True)
                 last_print = now
         counts = boundary.result() if boundary is not None else None
     finally:
@@ -844,28 +829,6 @@ def format_results(results: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-def json_ready(obj: Any) -> Any:
-    """NaN -> None (JSON has no NaN), numpy scalars -> Python numbers, recursively."""
-    if isinstance(obj, dict):
-        return {key: json_ready(value) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_ready(value) for value in obj]
-    if isinstance(obj, (np.floating, float)):
-        return None if math.isnan(obj) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
-def write_json(results: dict[str, Any], path: str | os.PathLike) -> None:
-    """The results as JSON, written atomically: a full disk or a kill leaves the earlier file of
-    that name as it was, never a truncated one."""
-    import model as model_lib  # atomic_write: the one way this project replaces a file
-
-    text = json.dumps(json_ready(results), indent=1) + "\n"
-    model_lib.atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
 def kernel_sizes_of_checkpoint(ckpt: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """Paper Fig. 3: learned field size per class, sum_k softmax(logits)[c, k] * k, for the
     (edge, non-edge) terms of an AAF checkpoint (`ckpt["aaf"]` = AdaptiveAffinityFieldLoss
@@ -885,41 +848,6 @@ def kernel_sizes_of_checkpoint(ckpt: dict[str, Any]) -> tuple[np.ndarray, np.nda
 # --------------------------------------------------------------------------------------------
 # 6. Command line
 # --------------------------------------------------------------------------------------------
-def usable_cpus() -> int:
-    """Cores this process may run on (the affinity mask, which containers restrict)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def empty_path_problems(flags: dict[str, str | Sequence[str] | None]) -> list[str]:
-    """'--json is empty' for each flag (name -> value, or list of values) given as "": Path("")
-    is the current folder, so an empty value (an unset shell variable, say) would read or write
-    there, or fall back to the default, instead of failing (shared by infer.py and plot.py)."""
-    problems = []
-    for flag, value in flags.items():
-        values = [value] if isinstance(value, str) else list(value or ())
-        if "" in values:
-            problems.append(f"{flag} is empty")
-    return problems
-
-
-def output_path_problem(path: str | os.PathLike, flag: str, folder: bool) -> str | None:
-    """Why `path` cannot become an output folder (`folder=True`) or file, or None; checked before
-    any work, so that a long run does not end in a traceback at its first write. A folder must not
-    be an existing file, a file not an existing folder, and the nearest existing path above it
-    must be a folder (`notes.txt/out` cannot be created). Shared by infer.py and plot.py."""
-    path = Path(path)
-    if folder and path.exists() and not path.is_dir():
-        return f"{flag} {path} is a file; expected a folder (it is created if missing)"
-    if not folder and path.is_dir():
-        return f"{flag} {path} is a folder; expected a file name"
-    for parent in path.parents:
-        if parent.exists():  # the nearest existing one decides
-            if not parent.is_dir():
-                return f"{flag} {path}: {parent} is a file, so nothing can be created below it"
-            break
-    return None
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", help="checkpoint of train.py to predict with (no default: give --ckpt or --pred-dir)")
@@ -952,9 +880,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help=f"boundary tolerance as a fraction of the image diagonal, in [0, 1) "
                              f"(default: {DEFAULT_MAX_DIST}, the BSDS value)")
     parser.add_argument("--save-pred", help="also write the predicted label PNGs to this folder (default: none)")
-    parser.add_argument("--workers", type=int, default=usable_cpus(),
+    parser.add_argument("--workers", type=int, default=checks.usable_cpus(),
                         help=f"processes for the boundary metric, 0: in the main process (default: all usable "
-                             f"cores, here {usable_cpus()})")
+                             f"cores, here {checks.usable_cpus()})")
     parser.add_argument("--length", type=int, help="score only the first N images, N >= 1 (default: the whole split; "
                                                    "for synthetic, the split's size)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -970,11 +898,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     """Refuse flag values that cannot mean anything (one line naming each), before any work.
     0 is never read as "use the default": a flag left out is None."""
-    problems = empty_path_problems({"--ckpt": args.ckpt, "--pred-dir": args.pred_dir, "--data-root": args.data_root,
+    problems = checks.empty_path_problems({"--ckpt": args.ckpt, "--pred-dir": args.pred_dir, "--data-root": args.data_root,
                                     "--json": args.json, "--save-pred": args.save_pred, "--dataset": args.dataset,
                                     "--split": args.split})
     for flag, value, folder in (("--json", args.json, False), ("--save-pred", args.save_pred, True)):
-        problem = output_path_problem(value, flag, folder) if value else None
+        problem = checks.output_path_problem(value, flag, folder) if value else None
         if problem:
             problems.append(problem)
     if not (math.isfinite(args.max_dist) and 0 <= args.max_dist < 1):
@@ -1051,7 +979,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         results["instance_counting"] = "instance maps" if dataset.has_instances else "one instance per present class (no instance maps)"
     print(format_results(results))
     try:
-        write_json(results, json_path)
+        checkpoint.write_json(results, json_path)
     except OSError as error:  # model.WriteError, e.g. a full disk: the file of that name is left as it was
         raise SystemExit(f"evaluate.py: {error}; the results are printed above") from None
     print(f"\nresults written to {json_path}")
@@ -1066,7 +994,7 @@ def check_outputs(args: argparse.Namespace, json_path: Path, dataset, dataset_na
     protected = {path.resolve(): path for record in records
                  for path in (record.image, record.label, record.instance) if path is not None}
     flag = "--json" if args.json is not None else "the results file"
-    problem = output_path_problem(json_path, flag, False)
+    problem = checks.output_path_problem(json_path, flag, False)
     if problem is None and args.ckpt is not None and json_path.resolve() == Path(args.ckpt).resolve():
         problem = f"{flag} {json_path} is the checkpoint --ckpt; choose another file"
     if problem is None and json_path.resolve() in protected:

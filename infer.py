@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import checks
 import crf
 import data
 from model import OUTPUT_STRIDE
@@ -240,23 +241,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def device_problem(device: str) -> str | None:
-    """Why `--device` cannot be used here, or None. Checked before the checkpoint is read, whose
-    loader would otherwise report a missing GPU as an unreadable checkpoint."""
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        return f"--device {device}: expected cpu or cuda (or cuda:N)"
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            return f"--device {device} but no GPU is visible"
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            return f"--device {device} but only {torch.cuda.device_count()} GPU(s) are visible"
-    elif parsed.type != "cpu":
-        return f"--device {device}: expected cpu or cuda (or cuda:N)"
-    return None
-
-
 def load_for_inference(ckpt_path: str, dataset: str | None, device: str, data_root: str | None = None,
                        prog: str = "infer.py"):
     """(model, ckpt, dataset name, DatasetInfo) for a checkpoint; an unusable --device, a bad
@@ -266,7 +250,7 @@ def load_for_inference(ckpt_path: str, dataset: str | None, device: str, data_ro
     given, else from the checkpoint."""
     import model as model_lib  # loading checkpoints belongs to the model stage
 
-    problem = device_problem(device)
+    problem = checks.device_problem(device)
     if problem:
         raise SystemExit(f"{prog}: {problem}")
     try:
@@ -388,16 +372,14 @@ def resolve_settings(args: argparse.Namespace, dataset_name: str, info: data.Dat
 
 def check_paths(args: argparse.Namespace) -> None:
     """Before the checkpoint is read: no path flag is empty and --out / --overlay-dir can be folders."""
-    import evaluate  # the shared path checks; imported here because evaluate.py imports this module
-
-    problems = evaluate.empty_path_problems({"--ckpt": args.ckpt, "--input": args.input, "--out": args.out,
+    problems = checks.empty_path_problems({"--ckpt": args.ckpt, "--input": args.input, "--out": args.out,
                                              "--image-list": args.image_list, "--overlay-dir": args.overlay_dir,
                                              "--dataset": args.dataset})
     outputs = [("--out", args.out)]
     if args.overlay_dir and args.overlay_dir.lower() != "none":
         outputs.append(("--overlay-dir", args.overlay_dir))
     for flag, value in outputs:
-        problem = evaluate.output_path_problem(value, flag, folder=True) if value else None
+        problem = checks.output_path_problem(value, flag, folder=True) if value else None
         if problem:
             problems.append(problem)
     if problems:
@@ -421,8 +403,6 @@ def check_outputs(images: list[Path], outputs: list[Path]) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    import evaluate  # progress_line; imported here because evaluate.py imports this module
-
     check_paths(args)
     model, ckpt, dataset_name, info = load_for_inference(args.ckpt, args.dataset, args.device)
     crop_size, stride, crf_params = resolve_settings(args, dataset_name, info)
@@ -465,7 +445,7 @@ def main(args: argparse.Namespace) -> None:
                              f"{written} of {len(images)} image(s) were written") from None
         now = time.perf_counter()
         if now - last_print > PROGRESS_EVERY_S or done == len(images):
-            print(f"{evaluate.progress_line(done, len(images), start)}  {path} -> {target}",
+            print(f"{progress_line(done, len(images), start)}  {path} -> {target}",
                   file=sys.stderr, flush=True)
             last_print = now
     report_submission(args.format, out, set(targets))
@@ -494,3 +474,19 @@ if __name__ == "__main__":
         main(get_args_parser().parse_args())
     except data.DatasetError as error:  # an unreadable image: one line, no traceback
         raise SystemExit(f"infer.py: {error}") from None
+
+
+def progress_line(done: int, total: int, start: float) -> str:
+    """'[12/1449] 3.1 img/s, elapsed 0:04, ETA 7:43'."""
+    elapsed = time.perf_counter() - start
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = (total - done) / rate if rate > 0 else math.nan
+
+    def clock(seconds: float) -> str:
+        if math.isnan(seconds):
+            return "?"
+        minutes, secs = divmod(int(round(seconds)), 60)
+        hours, minutes = divmod(minutes, 60)
+        return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+    return f"[{done}/{total}] {rate:.2f} img/s, elapsed {clock(elapsed)}, ETA {clock(eta)}"

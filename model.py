@@ -17,26 +17,26 @@ docs/protocol.md §5 lists what the authors' code builds; this file follows it:
 
 Also here, because every later stage needs them: the recipe's parameter split (docs/protocol.md §6:
 the head learns 10x faster, weight decay on conv weights only), ImageNet initialisation from
-torchvision's weight files, and atomic checkpoint save/load.
+torchvision's weight files, and rebuilding a network from a checkpoint (checkpoint.py writes
+the files and checks them when they are read back).
 
 BatchNorm is trained, not frozen. On several GPUs train.py converts it with
 `torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)`; nothing here depends on the BN class.
 """
 from __future__ import annotations
 
-import errno
 import os
-import secrets
-import zipfile
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock
+
+import checkpoint
+from checkpoint import WeightsError, WeightsNotFoundError  # raised here too; model.WeightsError stays valid
 
 OUTPUT_STRIDE = 8
 ARCHS = ("pspnet", "fcn")
@@ -60,18 +60,6 @@ IMAGENET_WEIGHTS = {
 # Keys of a torchvision classification checkpoint that a segmentation backbone does not use.
 CLASSIFIER_KEYS = ("fc.weight", "fc.bias")
 CLASSIFIER_INIT_STD = 0.01  # small random init of the final 1x1 classifier (DeepLab/PSPNet habit)
-
-
-class WeightsError(ValueError):
-    """A weight file or checkpoint is unreadable, or does not fit the model (one-line message).
-
-    The scripts turn these into one-line exits; any other ValueError is a programming error and
-    keeps its traceback. A subclass of ValueError, so callers that caught ValueError still do.
-    """
-
-
-class WeightsNotFoundError(WeightsError, FileNotFoundError):
-    """A weight file or checkpoint does not exist (also a FileNotFoundError)."""
 
 
 class ImageNetWeightsMissing(WeightsNotFoundError):
@@ -376,154 +364,6 @@ def param_groups(model: nn.Module, weight_decay: float = 5e-4, head_lr_mult: flo
 # --------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """Write a file through `write(f)` so that `path` is always either the old or the new file.
-
-    The bytes go to a temporary file `.<name>.<random>.tmp` in the same folder (same file system,
-    so os.replace is an atomic rename), are flushed and fsynced, then renamed over `path`. On any
-    failure, including KeyboardInterrupt, the temporary file is removed and `path` is untouched;
-    only a kill -9 can leave one behind (train.py removes them on its next start). The file gets
-    the usual mode, 0666 minus the umask, as open() would give it (tempfile.mkstemp gives 0600).
-    """
-    path = Path(path)
-    folder = path.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        while True:
-            tmp_name = folder / f".{path.name}.{secrets.token_hex(4)}.tmp"
-            try:  # O_EXCL: a name nobody else holds; mode 0o666 is reduced by the umask
-                fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-                break
-            except FileExistsError:
-                continue
-    except OSError as error:  # no permission, a read-only file system, a file where a folder should be
-        raise write_error(path, error) from error
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException as error:
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
-        if isinstance(error, OSError) or is_stream_write_failure(error):
-            raise write_error(path, error) from error
-        raise  # anything else (a bug in `write`, Ctrl-C) as it is
-    # Persist the rename itself (the directory entry); not possible on every platform.
-    try:
-        dir_fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
-class WriteError(OSError):
-    """A file could not be written (disk full, no permission, ...); the previous file is intact."""
-
-
-def is_stream_write_failure(error: BaseException) -> bool:
-    """torch.save reports a failed write (a full disk, a quota) as a RuntimeError of its zip
-    writer ("PytorchStreamWriter failed writing file ...", "unexpected pos ..."), not an OSError."""
-    text = str(error)
-    return isinstance(error, RuntimeError) and any(
-        mark in text for mark in ("PytorchStreamWriter", "unexpected pos", "inline_container", "file write failed"))
-
-
-def write_error(path: Path, error: BaseException) -> WriteError:
-    """One WriteError naming the file and the reason; 'the disk may be full' only where that is
-    what the error says (or torch.save's writer failed, which reports no reason)."""
-    full = (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)) \
-        or not isinstance(error, OSError)
-    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
-    hint = "the disk may be full; " if full else ""
-    kept = "the previous file is unchanged" if path.exists() else "nothing was written"
-    return WriteError(f"cannot write {path}: {reason} ({hint}{kept})")
-
-
-class NonFiniteCheckpointError(ValueError):
-    """save_checkpoint was handed a NaN or infinite value (nothing was written)."""
-
-
-def _float_tensors(obj: Any, where: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    """(key path, tensor) of every floating-point tensor inside nested dicts / lists / tuples."""
-    if isinstance(obj, torch.Tensor):
-        if obj.is_floating_point() or obj.is_complex():
-            yield where, obj
-    elif isinstance(obj, dict):
-        for key, value in obj.items():
-            yield from _float_tensors(value, f"{where}.{key}" if where else str(key))
-    elif isinstance(obj, (list, tuple)):
-        for index, value in enumerate(obj):
-            yield from _float_tensors(value, f"{where}[{index}]")
-
-
-def finite_flags(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """bool [N] on the tensors' device (one device, real floating point): tensor i holds no NaN/inf.
-
-    Computed on the device without reading anything back, exact (no overflow of a norm) and
-    with NaN propagating: on GPU one max-|x| multi-tensor reduction for all of them
-    (torch._foreach_norm of order inf, a few kernels for hundreds of tensors); on CPU, where
-    that falls back to a slow norm per tensor, min and max of each tensor (torch.aminmax, about
-    10x faster there).
-    """
-    if not tensors:
-        return torch.ones(0, dtype=torch.bool)
-    if tensors[0].device.type == "cpu":
-        extremes = [x.float() for t in tensors for x in (torch.aminmax(t) if t.numel() else (t.new_zeros(()),) * 2)]
-        return torch.isfinite(torch.stack(extremes)).view(-1, 2).all(1)
-    norms = torch._foreach_norm(tensors, float("inf"))  # [max |x|] per tensor
-    return torch.isfinite(torch.stack([n.float() for n in norms]))
-
-
-def non_finite_entries(obj: Any) -> list[str]:
-    """Key paths (e.g. 'model.backbone.bn1.running_var') of the tensors in `obj` holding NaN or inf.
-
-    `finite_flags` per device and one read-back each, so checking a whole checkpoint costs
-    about one pass over its bytes.
-    """
-    entries = list(_float_tensors(obj))
-    by_device: dict[torch.device, list[int]] = {}
-    for index, (_, tensor) in enumerate(entries):
-        by_device.setdefault(tensor.device, []).append(index)
-    bad = []
-    for indices in by_device.values():
-        tensors = [entries[i][1].detach() for i in indices]
-        finite = finite_flags([t.abs() if t.is_complex() else t for t in tensors]).tolist()
-        bad += [i for i, ok in zip(indices, finite) if not ok]
-    return [entries[i][0] for i in sorted(bad)]
-
-
-def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
-    """Write `obj` with torch.save atomically (see `atomic_write`), never a non-finite value.
-
-    A NaN or infinite tensor anywhere in `obj` (weights, BatchNorm statistics, optimizer
-    momentum, ...) raises NonFiniteCheckpointError naming it, and `path` keeps its previous
-    content: a checkpoint on disk is always one that can be trained on or evaluated.
-    """
-    bad = non_finite_entries(obj)
-    if bad:
-        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise NonFiniteCheckpointError(f"not writing {path}: non-finite values in {', '.join(bad[:3])}{more}")
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def _damaged_member(path: str | os.PathLike) -> str | None:
-    """The first entry of a torch.save zip archive whose CRC-32 does not match its bytes (None:
-    all match, or the file is no zip archive, which torch.load then reports). torch.load itself
-    does not check the CRCs, so a flipped bit in a weight would load silently."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError):
-        return None
-
-
 def load_checkpoint(path: str | os.PathLike, num_classes: int | None = None,
                     map_location: str | torch.device = "cpu") -> tuple[SegmentationModel, dict]:
     """Rebuild the model from `ckpt["meta"]` and load `ckpt["model"]` strictly.
@@ -531,23 +371,7 @@ def load_checkpoint(path: str | os.PathLike, num_classes: int | None = None,
     Returns `(model, ckpt)`; the model is on `map_location` and in eval mode (call `.train()`
     to fine-tune). `num_classes`, when given, must equal the checkpoint's.
     """
-    if os.path.isdir(path):
-        raise WeightsNotFoundError(f"{path} is a folder, not a checkpoint: give a file such as "
-                                   f"{Path(path) / 'model.pt'} or {Path(path) / 'last.pt'}")
-    if not os.path.isfile(path):
-        raise WeightsNotFoundError(f"checkpoint not found: {path}")
-    damaged = _damaged_member(path)
-    if damaged is not None:
-        raise WeightsError(f"{path} is damaged: {damaged} fails its checksum (a bit flip, or a copy cut "
-                           "short); use another copy or an earlier checkpoint")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:
-        first_line = f"{type(error).__name__}: {error}".splitlines()[0]
-        raise WeightsError(f"{path} is not a readable checkpoint ({first_line})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "meta" not in ckpt:
-        raise WeightsError(f"{path} is not a checkpoint of this project "
-                         "(expected a dict with 'model' and 'meta')")
+    ckpt = checkpoint.read_checkpoint(path, map_location)
     meta = ckpt["meta"]
     missing = [key for key in ("arch", "backbone", "num_classes") if key not in meta]
     if missing:
@@ -558,11 +382,6 @@ def load_checkpoint(path: str | os.PathLike, num_classes: int | None = None,
     if num_classes is not None and num_classes != meta["num_classes"]:
         raise WeightsError(f"{path} was trained for {meta['num_classes']} classes, "
                          f"but {num_classes} classes were requested")
-    bad = non_finite_entries(ckpt)  # written by another tool, or damaged without a checksum error
-    if bad:
-        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise WeightsError(f"{path} holds non-finite values in {', '.join(bad[:3])}{more}: a model with "
-                           "them predicts nothing meaningful")
     model = build_model(meta["arch"], meta["num_classes"], meta["backbone"], pretrained=None)
     what = f"{meta['arch']}/{meta['backbone']} with {meta['num_classes']} classes ({path})"
     check_state_dict(model, ckpt["model"], what)

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+import checks
 import data
 
 DPI = 120  # with the figure sizes below: about 1200 px wide, legible when a README shrinks it
@@ -51,11 +52,9 @@ def pyplot():
 
 def out_problem(out: str | Path) -> str | None:
     """Why --out cannot be written as a PNG file, or None (main checks it before any work)."""
-    import evaluate  # the shared output path check
-
     if Path(out).suffix.lower() != ".png":
         return f"--out {out} should end in .png"
-    return evaluate.output_path_problem(out, "--out", folder=False)
+    return checks.output_path_problem(out, "--out", folder=False)
 
 
 def save(fig, out: str | Path) -> Path:
@@ -445,12 +444,11 @@ def plot_grid(ckpts: Sequence[str], labels: Sequence[str] | None, dataset_name: 
     """Rows: samples; columns: (a) image, (b) ground truth, then one prediction per checkpoint;
     a colour key of the classes below."""
     plt = pyplot()
-    import infer
     import model as model_lib
     from matplotlib.patches import Patch
 
     names = labels_for(ckpts, labels) or [default_label(Path(c)) for c in ckpts]
-    problem = infer.device_problem(device)
+    problem = checks.device_problem(device)
     if problem:  # before any checkpoint is read, which would blame the file for a missing GPU
         raise SystemExit(f"plot.py: {problem}")
     if dataset_name is None:
@@ -555,8 +553,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Empty paths and an --out that cannot be written, before any input is read."""
-    import evaluate  # the shared path checks
-
     inputs = {"curves": ("logs", "a log file"), "classes": ("results", "a results file"),
               "fields": ("inputs", "an input"), "confusion": ("results", "a results file")}
     flags = {"--out": args.out}
@@ -566,7 +562,7 @@ def check_args(args: argparse.Namespace) -> None:
     else:
         flags.update({"--ckpt": args.ckpt, "--dataset": args.dataset, "--data-root": args.data_root,
                       "--split": args.split})
-    problems = evaluate.empty_path_problems(flags)
+    problems = checks.empty_path_problems(flags)
     if args.out:
         problem = out_problem(args.out)
         if problem:

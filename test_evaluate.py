@@ -21,6 +21,7 @@ from scipy.spatial.distance import cdist
 import torch
 from skimage.morphology import thin as skimage_thin
 
+import checkpoint
 import evaluate
 import infer
 
@@ -421,7 +422,7 @@ def tiny_checkpoint(tmp_path: Path, aaf_logits: tuple | None = None) -> Path:
         edge, nonedge = (torch.tensor(v, dtype=torch.float32) for v in aaf_logits)
         aaf = {"edge_logits": edge, "nonedge_logits": nonedge}
     path = tmp_path / "tiny.pt"
-    model_lib.save_checkpoint({"model": net.state_dict(), "meta": meta, "step": 0, "aaf": aaf}, path)
+    checkpoint.save_checkpoint({"model": net.state_dict(), "meta": meta, "step": 0, "aaf": aaf}, path)
     return path
 
 
@@ -596,7 +597,7 @@ def tiny_folder_set(root: Path) -> tuple[Path, dict[Path, bytes]]:
     net = model_lib.build_model("fcn", 3, backbone="tiny")
     meta = {**net.meta, "dataset": "folder", "class_names": ["bg", "thing", "other"],
             "palette": [[0, 0, 0], [255, 255, 0], [0, 0, 255]], "loss": "ce", "kernel_sizes": []}
-    model_lib.save_checkpoint({"model": net.state_dict(), "meta": meta}, root.parent / "folder.pt")
+    checkpoint.save_checkpoint({"model": net.state_dict(), "meta": meta}, root.parent / "folder.pt")
     return root.parent / "folder.pt", {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
@@ -625,19 +626,19 @@ def test_the_results_file_is_replaced_atomically(tmp_path: Path):
     import resource
 
     path = tmp_path / "eval.json"
-    evaluate.write_json({"miou": 0.5, "iou": [0.5] * 4}, path)
+    checkpoint.write_json({"miou": 0.5, "iou": [0.5] * 4}, path)
     before = path.read_bytes()
     big = {"miou": 0.25, "iou": [0.25] * 2000}  # about 14 kB of JSON
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
     try:
         with pytest.raises(OSError):
-            evaluate.write_json(big, path)
+            checkpoint.write_json(big, path)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert path.read_bytes() == before and json.loads(before)["miou"] == 0.5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]  # no temporary file left
-    evaluate.write_json(big, path)
+    checkpoint.write_json(big, path)
     assert json.loads(path.read_text())["iou"] == [0.25] * 2000
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import checkpoint
 import infer
 
 STRIDE = 8
@@ -214,7 +215,7 @@ def test_cli_writes_palette_labels_and_overlays(tmp_path: Path):
     net = model_lib.build_model("fcn", 8, backbone="tiny")
     meta = {**net.meta, "class_names": list(data.dataset_info("synthetic").class_names),
             "dataset": "synthetic", "loss": "ce", "kernel_sizes": []}
-    model_lib.save_checkpoint({"model": net.state_dict(), "meta": meta}, tmp_path / "m.pt")
+    checkpoint.save_checkpoint({"model": net.state_dict(), "meta": meta}, tmp_path / "m.pt")
     folder = tmp_path / "images"
     folder.mkdir()
     rgb = np.random.default_rng(0).integers(0, 256, (30, 44, 3), dtype=np.uint8)
@@ -260,7 +261,7 @@ def save_tiny_checkpoint(path: Path, dataset: str, seed: int = 0) -> nn.Module:
     with torch.no_grad():
         net.classifier.weight.normal_(0, 3.0)
     meta = {**net.meta, "class_names": list(info.class_names), "dataset": dataset, "loss": "ce", "kernel_sizes": []}
-    model_lib.save_checkpoint({"model": net.state_dict(), "meta": meta}, path)
+    checkpoint.save_checkpoint({"model": net.state_dict(), "meta": meta}, path)
     return net.eval()
 
 
@@ -535,7 +536,7 @@ def test_cli_refuses_a_zero_window_instead_of_the_default(tmp_path: Path, flags,
     net = model_lib.build_model("fcn", 8, backbone="tiny")
     meta = {**net.meta, "class_names": list(data.dataset_info("synthetic").class_names),
             "dataset": "synthetic", "loss": "ce", "kernel_sizes": []}
-    model_lib.save_checkpoint({"model": net.state_dict(), "meta": meta}, tmp_path / "m.pt")
+    checkpoint.save_checkpoint({"model": net.state_dict(), "meta": meta}, tmp_path / "m.pt")
     from PIL import Image
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "a.png")
     args = infer.get_args_parser().parse_args(["--ckpt", str(tmp_path / "m.pt"), "--input", str(tmp_path / "a.png"),
@@ -626,7 +627,7 @@ def test_a_data_set_with_other_class_names_is_refused_but_cross_domain_works(tmp
     net = model_lib.build_model("fcn", 3, backbone="tiny")
     meta = {**net.meta, "dataset": "folder", "class_names": ["sky", "road", "car"],
             "palette": [[0, 0, 0], [1, 1, 1], [2, 2, 2]], "loss": "ce", "kernel_sizes": []}
-    model_lib.save_checkpoint({"model": net.state_dict(), "meta": meta}, tmp_path / "folder.pt")
+    checkpoint.save_checkpoint({"model": net.state_dict(), "meta": meta}, tmp_path / "folder.pt")
     for root, names in (("same", "sky\nroad\ncar\n"), ("other", "sky\nroad 1 2 3\ntruck\n255 ignore\n")):
         (tmp_path / root / "images" / "val").mkdir(parents=True)
         (tmp_path / root / "classes.txt").write_text(names)

@@ -14,8 +14,10 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+import checkpoint
 import model as model_lib
-from model import OUTPUT_STRIDE, build_model, load_checkpoint, param_groups, save_checkpoint
+from checkpoint import save_checkpoint
+from model import OUTPUT_STRIDE, build_model, load_checkpoint, param_groups
 
 # Odd, even and non-square sizes; 33x47 is smaller than the 6x6 PSP bin grid at stride 8 (5x6).
 SIZES = [(33, 47), (64, 64), (65, 97), (71, 50), (96, 129)]
@@ -312,12 +314,12 @@ def test_save_checkpoint_never_writes_a_non_finite_value(tmp_path):
     save_checkpoint(ckpt, path)
     before = path.read_bytes()
     momentum = {"state": {3: {"momentum_buffer": torch.tensor([1.0, float("inf")])}}, "param_groups": []}
-    with pytest.raises(model_lib.NonFiniteCheckpointError, match=r"optimizer\.state\.3\.momentum_buffer"):
+    with pytest.raises(checkpoint.NonFiniteCheckpointError, match=r"optimizer\.state\.3\.momentum_buffer"):
         save_checkpoint({**ckpt, "optimizer": momentum}, path)
     stats = dict(ckpt["model"])
     stats["backbone.bn1.running_var"] = stats["backbone.bn1.running_var"].clone()
     stats["backbone.bn1.running_var"][2] = float("nan")
-    with pytest.raises(model_lib.NonFiniteCheckpointError, match=r"model\.backbone\.bn1\.running_var"):
+    with pytest.raises(checkpoint.NonFiniteCheckpointError, match=r"model\.backbone\.bn1\.running_var"):
         save_checkpoint({**ckpt, "model": stats}, path)
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["last.pt"]
     # Integer tensors (BatchNorm's num_batches_tracked, RNG states) are not floating point: fine.
@@ -327,14 +329,14 @@ def test_save_checkpoint_never_writes_a_non_finite_value(tmp_path):
 def test_weight_and_checkpoint_errors_have_their_own_class(tmp_path, monkeypatch):
     # train.py turns these (and data.DatasetError) into one line, and nothing else: a ValueError
     # from a bug keeps its traceback. They stay ValueError / FileNotFoundError for older callers.
-    with pytest.raises(model_lib.WeightsNotFoundError) as info:
+    with pytest.raises(checkpoint.WeightsNotFoundError) as info:
         load_checkpoint(tmp_path / "absent.pt")
-    assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, model_lib.WeightsError)
+    assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, checkpoint.WeightsError)
     (tmp_path / "garbage.pt").write_bytes(b"garbage")
-    with pytest.raises(model_lib.WeightsError) as info:
+    with pytest.raises(checkpoint.WeightsError) as info:
         load_checkpoint(tmp_path / "garbage.pt")
     assert isinstance(info.value, ValueError)
-    with pytest.raises(model_lib.WeightsError):
+    with pytest.raises(checkpoint.WeightsError):
         build_model("fcn", 3, "resnet18", pretrained=tmp_path / "garbage.pt")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(model_lib.ImageNetWeightsMissing) as info:
@@ -342,7 +344,7 @@ def test_weight_and_checkpoint_errors_have_their_own_class(tmp_path, monkeypatch
     assert "(or pass --pretrained x)" in info.value.remedy("--pretrained x")
     _, ckpt = make_checkpoint()
     torch.save({**ckpt, "meta": {**ckpt["meta"], "arch": "unet"}}, tmp_path / "foreign.pt")
-    with pytest.raises(model_lib.WeightsError, match="unknown network"):
+    with pytest.raises(checkpoint.WeightsError, match="unknown network"):
         load_checkpoint(tmp_path / "foreign.pt")
 
 
@@ -483,24 +485,24 @@ def test_atomic_write_names_write_failures_and_keeps_bugs_as_they_are(tmp_path, 
         return real_open(name, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", no_permission)
-    with pytest.raises(model_lib.WriteError) as info:
-        model_lib.atomic_write(path, lambda f: f.write(b"new"))
+    with pytest.raises(checkpoint.WriteError) as info:
+        checkpoint.atomic_write(path, lambda f: f.write(b"new"))
     assert str(info.value) == f"cannot write {path}: Permission denied (the previous file is unchanged)"
     monkeypatch.setattr(os, "open", real_open)
 
     def full(f):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(model_lib.WriteError, match=r"No space left on device \(the disk may be full; the previous"):
-        model_lib.atomic_write(path, full)
+    with pytest.raises(checkpoint.WriteError, match=r"No space left on device \(the disk may be full; the previous"):
+        checkpoint.atomic_write(path, full)
 
     def bug(f):
         raise RuntimeError("shape mismatch in the writer")
 
     with pytest.raises(RuntimeError, match="shape mismatch") as info:
-        model_lib.atomic_write(path, bug)
+        checkpoint.atomic_write(path, bug)
     assert not isinstance(info.value, OSError)
     assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
-    with pytest.raises(model_lib.WriteError) as info:  # no earlier file: nothing to keep
-        model_lib.atomic_write(tmp_path / "new.bin", full)
+    with pytest.raises(checkpoint.WriteError) as info:  # no earlier file: nothing to keep
+        checkpoint.atomic_write(tmp_path / "new.bin", full)
     assert str(info.value).endswith("(the disk may be full; nothing was written)")

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import data
+import distributed
 import losses
 import train
 from model import load_checkpoint
@@ -49,7 +50,7 @@ def build_for_steps(*argv: str) -> tuple[train.Parts, object]:
     """train.py's own parts for calling train_step directly on a fixed batch."""
     args, info = train.resolve_args(train.get_args_parser().parse_args(list(argv)))
     torch.manual_seed(0)
-    return train.build_parts(args, info, torch.device("cpu"), train.Dist()), args
+    return train.build_parts(args, info, torch.device("cpu"), distributed.Dist()), args
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -227,7 +228,7 @@ def test_init_carries_network_and_aaf_weights_into_a_fresh_schedule(tmp_path):
     assert [r["step"] for r in read_log(tmp_path / "stage2")] == [1, 2]  # not from the checkpoint's step 3
     args, info = train.resolve_args(train.get_args_parser().parse_args(
         run_args(tmp_path / "stage2", "--loss", "aaf", "--init", str(tmp_path / "stage1" / "model.pt"))))
-    parts = train.build_parts(args, info, torch.device("cpu"), train.Dist(), init=ckpt)
+    parts = train.build_parts(args, info, torch.device("cpu"), distributed.Dist(), init=ckpt)
     for name, value in parts.model_without_ddp.state_dict().items():
         assert torch.equal(value, ckpt["model"][name]), name
     for name, value in parts.projection.state_dict().items():
@@ -475,14 +476,14 @@ def test_data_root_needs_a_dataset_and_synthetic_takes_none(tmp_path):
 
 
 def test_default_workers_follow_the_cpus_of_each_process(monkeypatch):
-    monkeypatch.setattr(train.evaluate, "usable_cpus", lambda: 16)
+    monkeypatch.setattr(train.checks, "usable_cpus", lambda: 16)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert train.default_workers("cuda") == 3    # 16 CPUs / 4 processes, one left to the process itself
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert train.default_workers("cuda") == 15
-    monkeypatch.setattr(train.evaluate, "usable_cpus", lambda: 128)
+    monkeypatch.setattr(train.checks, "usable_cpus", lambda: 128)
     assert train.default_workers("cuda") == train.MAX_DEFAULT_WORKERS
-    monkeypatch.setattr(train.evaluate, "usable_cpus", lambda: 1)
+    monkeypatch.setattr(train.checks, "usable_cpus", lambda: 1)
     assert train.default_workers("cuda") == 1
     assert train.default_workers("cpu") == 0
 
@@ -683,7 +684,7 @@ def test_one_loader_serves_every_epoch_with_the_crops_of_zero_workers(monkeypatc
     for workers in (0, 2):
         args = train.resolve_args(train.get_args_parser().parse_args(
             ["--batch-size", "2", "--crop-size", "32", "--workers", str(workers)]))[0]
-        batches = train.training_batches(dataset, args, train.Dist(), 1, pin_memory=False)
+        batches = train.training_batches(dataset, args, distributed.Dist(), 1, pin_memory=False)
         streams[workers] = [next(batches) for _ in range(7)]  # from step 1: epochs 0, 1, 2, 3
         batches.close()
     assert made == [0, 2]  # one loader per run, not one per epoch
@@ -755,7 +756,7 @@ def test_compiled_steps_match_eager_closely():
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), name
     # The checkpoint holds the plain module's names (no torch.compile "_orig_mod." prefix).
     info = data.dataset_info("synthetic")
-    keys = train.checkpoint(compiled, compiled_args, info, 2, torch.device("cpu"), 1)["model"].keys()
+    keys = train.training_state(compiled, compiled_args, info, 2, torch.device("cpu"), 1)["model"].keys()
     assert keys == eager.model.state_dict().keys()
 
 
@@ -796,7 +797,7 @@ def test_a_non_finite_value_on_one_rank_stops_every_rank_at_its_step(monkeypatch
 
     def rank_thread(rank: int) -> None:
         local.rank = rank
-        dist = train.Dist(rank, 2, rank)
+        dist = distributed.Dist(rank, 2, rank)
         guard = train.FiniteGuard(torch.device("cpu"))
         answers[rank] = []
         for step in range(6):

@@ -54,7 +54,10 @@ import torch.distributed as torch_dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
+import checkpoint
+import checks
 import data
+import distributed
 import evaluate
 import infer
 import losses
@@ -246,7 +249,7 @@ def given_value_problems(args: argparse.Namespace) -> list[str]:
             problems.append(f"{flag_name(dest)} {value} must be a finite number")
         elif value < low or (high is not None and value >= high):
             problems.append(f"{flag_name(dest)} {value} must be in [{low:g}, {'inf' if high is None else f'{high:g}'})")
-    problems += evaluate.empty_path_problems({flag_name(dest): getattr(args, dest, None)
+    problems += checks.empty_path_problems({flag_name(dest): getattr(args, dest, None)
                                               for dest in ("data_root", "out", "resume", "init", "pretrained")})
     if getattr(args, "kill_at", None) is not None:
         rank, _, step = args.kill_at.partition(":")
@@ -269,7 +272,7 @@ def default_workers(device_type: str) -> int:
     if device_type != "cuda":
         return 0
     processes_per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    per_process = evaluate.usable_cpus() // processes_per_node
+    per_process = checks.usable_cpus() // processes_per_node
     return max(1, min(MAX_DEFAULT_WORKERS, per_process - 1))  # one core stays with the training process
 
 
@@ -348,7 +351,7 @@ def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, data.Dat
         if far:
             problems.append(f"--kernel-sizes {far[0]} pairs logits {(far[0] - 1) // 2} apart, beyond the {side}x{side} "
                             f"logits of a {args.crop_size}-px crop: its term would always be 0")
-    out_problem = evaluate.output_path_problem(args.out, "--out", folder=True) if args.out else None
+    out_problem = checks.output_path_problem(args.out, "--out", folder=True) if args.out else None
     if out_problem:  # an existing file, or a path below one
         problems.append(out_problem)
     if args.loss in ("random", "embedding") and len(args.kernel_sizes) != 1:
@@ -371,105 +374,6 @@ def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, data.Dat
 
 # ----------------------------------------------------------------------------- distributed
 
-@dataclass(frozen=True)
-class Dist:
-    """This process's place in a torchrun job (rank 0 of 1 when started with plain python)."""
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device_arg: str) -> tuple[Dist, torch.device]:
-    """Ranks from the torchrun environment; nccl on GPU, gloo on CPU."""
-    if device_arg == "auto":
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    dist = Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                int(os.environ.get("LOCAL_RANK", 0)))
-    device = torch.device(device_arg)
-    if device.type == "cuda":
-        problem = infer.device_problem(device_arg)
-        if problem:
-            raise SystemExit(f"train.py: {problem}")
-        device = torch.device("cuda", dist.local_rank)
-        torch.cuda.set_device(device)
-    if dist.enabled and device.type == "cuda":
-        torch_dist.init_process_group(backend="nccl", device_id=device)
-    elif dist.enabled:
-        torch_dist.init_process_group(backend="gloo")
-    return dist, device
-
-
-def cleanup_distributed() -> None:
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        torch_dist.destroy_process_group()
-
-
-def is_lost_peer(err: BaseException, dist: Dist) -> bool:
-    """Did a collective fail because another process of the job died (killed, out of memory, ...)?
-
-    NCCL reports it as torch.distributed.DistError; gloo as a plain RuntimeError whose message
-    starts with its source location ("[.../gloo/transport/tcp/pair.cc:...] Connection reset by
-    peer"), so that is what we look for: any other RuntimeError is a bug and keeps its traceback.
-    """
-    if not dist.enabled:
-        return False
-    dist_error = getattr(torch_dist, "DistError", None)
-    return (dist_error is not None and isinstance(err, dist_error)) or "/gloo/" in str(err).split("]")[0]
-
-
-class Terminated(BaseException):
-    """SIGTERM arrived (torchrun stopping the job after another rank failed, or a scheduler).
-
-    A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows it;
-    atomic writes in progress remove their temporary file on the way out.
-    """
-
-
-def raise_terminated(signum: int, frame: object) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the exit
-    raise Terminated()
-
-
-def rank0_decides(message: str | None, dist: Dist, device: torch.device) -> str | None:
-    """Rank 0's verdict for every rank (e.g. on a run folder only rank 0 may see)."""
-    if not dist.enabled:
-        return message
-    box = [message]
-    torch_dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
-    return box[0]
-
-
-def average_gradients(params: list[nn.Parameter], dist: Dist) -> None:
-    """Average the gradients of parameters DDP does not manage (AAF weights, discriminator).
-
-    We all_reduce explicitly instead of wrapping these modules in DDP: the discriminator is used
-    through two methods rather than forward() (DDP only hooks forward), and the AAF weights are
-    a few hundred numbers. Identical start (zeros / broadcast) + identical averaged gradients +
-    identical optimizers keep them identical on every rank.
-    """
-    if not dist.enabled:
-        return
-    for p in params:
-        if p.grad is not None:
-            torch_dist.all_reduce(p.grad, op=torch_dist.ReduceOp.SUM)
-            p.grad.div_(dist.world_size)
-
-
-def broadcast_parameters(module: nn.Module, dist: Dist) -> None:
-    """Give every rank rank 0's copy (the discriminator's random initialisation)."""
-    if dist.enabled:
-        for t in list(module.parameters()) + list(module.buffers()):
-            torch_dist.broadcast(t.data, src=0)
-
-
 # ----------------------------------------------------------------------------- data
 
 class EpochSampler(Sampler):
@@ -481,7 +385,7 @@ class EpochSampler(Sampler):
     (`EpochDataset`), so one DataLoader with persistent workers serves the whole run.
     """
 
-    def __init__(self, dataset_size: int, local_batch: int, dist: Dist, seed: int, start_step: int):
+    def __init__(self, dataset_size: int, local_batch: int, dist: distributed.Dist, seed: int, start_step: int):
         self.local_batch = local_batch
         self.sampler = DistributedSampler(range(dataset_size), num_replicas=dist.world_size, rank=dist.rank,
                                           shuffle=True, seed=seed, drop_last=True)
@@ -534,7 +438,7 @@ def collate_or_error(samples: list[dict]) -> dict:
     return default_collate(samples)
 
 
-def training_batches(dataset: data.SegmentationDataset, args: argparse.Namespace, dist: Dist, start_step: int,
+def training_batches(dataset: data.SegmentationDataset, args: argparse.Namespace, dist: distributed.Dist, start_step: int,
                      pin_memory: bool) -> Iterator[dict]:
     """Endless stream of this rank's batches, starting at iteration `start_step`.
 
@@ -679,7 +583,7 @@ def set_lr(optimizer: torch.optim.Optimizer | None, lr: float) -> None:
             group["lr"] = lr * group["lr_mult"]
 
 
-def build_parts(args: argparse.Namespace, info: data.DatasetInfo, device: torch.device, dist: Dist,
+def build_parts(args: argparse.Namespace, info: data.DatasetInfo, device: torch.device, dist: distributed.Dist,
                 init: dict | None = None) -> Parts:
     """Model (+ `init` weights), projection, optimizers, then SyncBN/DDP when distributed."""
     pretrained = None if args.pretrained == "none" else args.pretrained
@@ -695,7 +599,7 @@ def build_parts(args: argparse.Namespace, info: data.DatasetInfo, device: torch.
         model.to(memory_format=torch.channels_last)  # faster cuDNN convolutions in bf16
     if projection is not None:
         projection.to(device)
-        broadcast_parameters(projection, dist)
+        distributed.broadcast_parameters(projection, dist)
     optimizer, projection_optimizer = build_optimizers(model, projection, args)
     ddp_model = model
     if dist.enabled:
@@ -780,7 +684,7 @@ class FiniteGuard:
         groups = watched_tensors(parts)
         tensors = [t for kind in self.KINDS for t in groups[kind]]
         sizes = [len(groups[kind]) for kind in self.KINDS]
-        finite = model_lib.finite_flags(tensors)                                     # [tensors]
+        finite = checkpoint.finite_flags(tensors)                                     # [tensors]
         kind_ok = torch.stack([chunk.all() for chunk in torch.split(finite, sizes)])  # [kinds]
         flags = torch.cat([~torch.isfinite(values), ~kind_ok])                       # [terms + kinds]
         new = flags.any() & (self.first_step == self.NONE)
@@ -790,7 +694,7 @@ class FiniteGuard:
         self.sums += values
         self.count += 1
 
-    def take_averages(self, dist: Dist) -> dict[str, float]:
+    def take_averages(self, dist: distributed.Dist) -> dict[str, float]:
         """Mean of each loss term over the iterations since the last call, over all ranks (one read)."""
         if not self.count:
             return {}
@@ -802,7 +706,7 @@ class FiniteGuard:
         self.count = 0
         return dict(zip(self.names, means))
 
-    def check(self, parts: Parts, dist: Dist) -> str | None:
+    def check(self, parts: Parts, dist: distributed.Dist) -> str | None:
         """None while everything was finite on every rank; else what went non-finite first, and where."""
         if self.names is None:
             return None
@@ -871,13 +775,13 @@ def non_finite_names(parts: Parts) -> list[str]:
 
 
 def discriminator_step(parts: Parts, logits: torch.Tensor, small: torch.Tensor, amp: torch.autocast,
-                       dist: Dist) -> torch.Tensor:
+                       dist: distributed.Dist) -> torch.Tensor:
     """GAN, alternating step 1 (Eq. 6): D learns to tell the current detached predictions from GT."""
     with amp:
         loss = parts.disc_loss(logits.detach(), small)
     parts.projection_optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    average_gradients(list(parts.projection.parameters()), dist)
+    distributed.average_gradients(list(parts.projection.parameters()), dist)
     # A NaN here is caught by FiniteGuard (loss term "disc", gradients, parameters); a corrupted
     # D is never written.
     parts.projection_optimizer.step()
@@ -885,7 +789,7 @@ def discriminator_step(parts: Parts, logits: torch.Tensor, small: torch.Tensor, 
 
 
 def train_step(parts: Parts, images: torch.Tensor, labels: torch.Tensor, step: int,
-               args: argparse.Namespace, dist: Dist = Dist(),
+               args: argparse.Namespace, dist: distributed.Dist = distributed.Dist(),
                guard: FiniteGuard | None = None) -> dict[str, torch.Tensor]:
     """One iteration at `step` (0-based): set LRs, forward, loss terms, backward, optimizer steps.
 
@@ -938,7 +842,7 @@ def train_step(parts: Parts, images: torch.Tensor, labels: torch.Tensor, step: i
     # Optimizer steps, once per batch.
     parts.optimizer.step()
     if args.loss == "aaf":
-        average_gradients(list(parts.projection.parameters()), dist)
+        distributed.average_gradients(list(parts.projection.parameters()), dist)
         parts.projection_optimizer.step()  # maximize=True: ascent on the same loss (Eq. 9)
     if guard is not None:
         guard.record(step, summed, parts)
@@ -947,7 +851,7 @@ def train_step(parts: Parts, images: torch.Tensor, labels: torch.Tensor, step: i
 
 def micro_batch_terms(parts: Parts, images: torch.Tensor, labels: torch.Tensor, small: torch.Tensor | None,
                       counts: dict[str, torch.Tensor] | None, weight: float, amp: torch.autocast,
-                      args: argparse.Namespace, dist: Dist) -> dict[str, torch.Tensor]:
+                      args: argparse.Namespace, dist: distributed.Dist) -> dict[str, torch.Tensor]:
     """Forward and loss terms of one (micro-)batch, "total" = ce + weight * projection with its graph.
 
     small: the labels at the logits' size (None: picked here from the logits' size); counts: the
@@ -1000,7 +904,7 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def checkpoint(parts: Parts, args: argparse.Namespace, info: data.DatasetInfo, step: int,
+def training_state(parts: Parts, args: argparse.Namespace, info: data.DatasetInfo, step: int,
                device: torch.device, world_size: int, train_size: int | None = None) -> dict:
     """The layout model.load_checkpoint reads, plain types only (weights_only=True loads it)."""
     proj, key = parts.projection, ADVERSARY_KEYS.get(args.loss)
@@ -1220,10 +1124,10 @@ def prepare_run_folder(args: argparse.Namespace, out: Path, start: int, world_si
                 break
             kept.append(line)
     text = "".join(line + "\n" for line in kept)
-    model_lib.atomic_write(log_path, lambda f: f.write(text.encode()))
+    checkpoint.atomic_write(log_path, lambda f: f.write(text.encode()))
     settings = {"args": vars(args), "start_step": start, "world_size": world_size, "torch": torch.__version__}
     body = json.dumps(settings, indent=1) + "\n"
-    model_lib.atomic_write(out / "args.json", lambda f: f.write(body.encode()))
+    checkpoint.atomic_write(out / "args.json", lambda f: f.write(body.encode()))
 
 
 # ----------------------------------------------------------------------------- logging
@@ -1245,7 +1149,7 @@ def append_line(path: Path, line: str) -> None:
         with open(path, "a") as f:
             f.write(line + "\n")
     except OSError as error:
-        raise model_lib.WriteError(f"cannot write {path}: {error.strerror or error}") from error
+        raise checkpoint.WriteError(f"cannot write {path}: {error.strerror or error}") from error
 
 
 def log_progress(record: dict, log_path: Path, info: data.DatasetInfo) -> None:
@@ -1322,10 +1226,10 @@ def main(args: argparse.Namespace) -> dict:
     keeps its traceback.
     """
     args, info = resolve_args(args)
-    dist, device = setup_distributed(args.device)
+    dist, device = distributed.setup_distributed(args.device)
     out = Path(args.out)
     lock = RunLock(out) if dist.is_main else None  # rank 0 writes the folder, so rank 0 holds it
-    previous_handler = signal.signal(signal.SIGTERM, raise_terminated)
+    previous_handler = signal.signal(signal.SIGTERM, distributed.raise_terminated)
     try:
         return train(args, info, dist, device, lock)
     except BaseException as err:
@@ -1339,7 +1243,7 @@ def main(args: argparse.Namespace) -> dict:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the exit below must not be interrupted
         try:
-            cleanup_distributed()
+            distributed.cleanup_distributed()
         except RuntimeError:  # the process group may be broken already
             pass
         if lock is not None:
@@ -1348,7 +1252,7 @@ def main(args: argparse.Namespace) -> dict:
     raise SystemExit(message if dist.is_main or every_rank else 1)
 
 
-def failure_line(err: BaseException, dist: Dist, out: Path) -> tuple[str, bool] | None:
+def failure_line(err: BaseException, dist: distributed.Dist, out: Path) -> tuple[str, bool] | None:
     """(the one line a failed run ends with, whether every rank prints its own) for the project's
     own input errors, a non-finite stop, a failed write (disk full), Ctrl-C, SIGTERM and a lost
     torchrun peer; None for anything else (a bug keeps its traceback)."""
@@ -1357,19 +1261,19 @@ def failure_line(err: BaseException, dist: Dist, out: Path) -> tuple[str, bool] 
     kept = getattr(err, "finished_model", None) or kept_checkpoint(out)
     if isinstance(err, UnreadableSample):  # met by the one rank that loaded the sample
         return f"train.py: {rank}{err}", True
-    if isinstance(err, (data.DatasetError, model_lib.WeightsError)):  # data root or file, weights, checkpoint
+    if isinstance(err, (data.DatasetError, checkpoint.WeightsError)):  # data root or file, weights, checkpoint
         return f"train.py: {err}", False
     if isinstance(err, NonFiniteError):  # raised on every rank at the same check (FiniteGuard reduces first)
         return f"train.py: {err}", False
-    if isinstance(err, model_lib.WriteError):  # a full disk while writing a checkpoint or the log
+    if isinstance(err, checkpoint.WriteError):  # a full disk while writing a checkpoint or the log
         return f"train.py: {rank}{err}; {kept}", True
     if isinstance(err, KeyboardInterrupt):  # Ctrl-C: how most users stop a run; nothing is lost
         return f"train.py: {rank}stopped by Ctrl-C; {kept}", True
-    if isinstance(err, Terminated):
+    if isinstance(err, distributed.Terminated):
         return (f"train.py: {rank}stopped by SIGTERM"
                 + (" (torchrun stops the job when one of its processes fails)" if dist.enabled else "")
                 + f"; {kept}"), True
-    if isinstance(err, RuntimeError) and is_lost_peer(err, dist):
+    if isinstance(err, RuntimeError) and distributed.is_lost_peer(err, dist):
         return (f"train.py: rank {dist.rank}: lost contact with another process of the job (it crashed "
                 f"or was killed; see its own message); {kept}"), True
     return None
@@ -1387,7 +1291,7 @@ def kept_checkpoint(out: Path, resumable: bool = True) -> str:
     return f"the last good checkpoint is {last} (step {step}{hint})"
 
 
-def train(args: argparse.Namespace, info: data.DatasetInfo, dist: Dist, device: torch.device,
+def train(args: argparse.Namespace, info: data.DatasetInfo, dist: distributed.Dist, device: torch.device,
           lock: RunLock | None = None) -> dict:
     if args.amp and device.type != "cuda" and dist.is_main:
         print("train.py: --amp is bf16 autocast on GPU; running in float32 on CPU", file=sys.stderr)
@@ -1415,7 +1319,7 @@ def train(args: argparse.Namespace, info: data.DatasetInfo, dist: Dist, device: 
     # Never destroy a run: rank 0, holding the folder's lock, looks at the folder; every rank
     # follows its verdict.
     verdict = ((lock.refusal if lock is not None else None) or check_run_folder(args, out)) if dist.is_main else None
-    refusal = rank0_decides(verdict, dist, device)
+    refusal = distributed.rank0_decides(verdict, dist, device)
     if refusal:
         raise SystemExit(refusal if dist.is_main else 1)
     if device.type == "cuda":
@@ -1484,7 +1388,7 @@ def train(args: argparse.Namespace, info: data.DatasetInfo, dist: Dist, device: 
         if done % args.save_every == 0 and done < args.iters:
             stop_if_not_finite()
             if dist.is_main:
-                model_lib.save_checkpoint(checkpoint(parts, args, info, done, device, dist.world_size, len(train_set)),
+                checkpoint.save_checkpoint(training_state(parts, args, info, done, device, dist.world_size, len(train_set)),
                                           out / "last.pt")
 
     batches.close()  # ends the loader and its worker processes; the last iteration was checked (logged)
@@ -1496,13 +1400,13 @@ def train(args: argparse.Namespace, info: data.DatasetInfo, dist: Dist, device: 
         return {"out": str(out), "step": end, "checkpoint": None, "miou": None}
     final = out / "model.pt"
     if dist.is_main:  # the last log line above already showed the AAF field sizes
-        model_lib.save_checkpoint(checkpoint(parts, args, info, end, device, dist.world_size, len(train_set)), final)
+        checkpoint.save_checkpoint(training_state(parts, args, info, end, device, dist.world_size, len(train_set)), final)
         print(f"train.py: wrote {final} (step {end})", flush=True)  # before the evaluation, which may fail
     root = f" --data-root {args.data_root}" if args.data_root else ""
     score_cmd = f"python evaluate.py --ckpt {final} --metric all{root}"
     try:
         # Evaluation runs on rank 0 alone after the group is gone, so no collective can time out.
-        cleanup_distributed()
+        distributed.cleanup_distributed()
         miou = evaluate_after_training(parts.model_without_ddp, args, info, device, log_path, writer) \
             if dist.is_main and args.eval else None
     except BaseException as err:  # e.g. Ctrl-C in the evaluation: the run itself is complete
@@ -1519,7 +1423,7 @@ def train(args: argparse.Namespace, info: data.DatasetInfo, dist: Dist, device: 
     return {"out": str(out), "step": end, "checkpoint": str(final), "miou": miou}
 
 
-def dump_rank_state(parts: Parts, out: Path, dist: Dist) -> None:
+def dump_rank_state(parts: Parts, out: Path, dist: distributed.Dist) -> None:
     """Testing hook: this rank's trainable parameters, to check that all ranks agree."""
     if dist.enabled:
         torch_dist.barrier()  # rank 0 may still be creating `out`
