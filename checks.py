@@ -64,3 +64,8 @@ def output_path_problem(path: str | os.PathLike, flag: str, folder: bool) -> str
                 return f"{flag} {path}: {parent} is a file, so nothing can be created below it"
             break
     return None
+
+
+def flag_name(dest: str) -> str:
+    """The command-line spelling of an argparse destination (loss_lambda -> --lambda)."""
+    return "--lambda" if dest == "loss_lambda" else "--" + dest.replace("_", "-")

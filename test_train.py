@@ -18,7 +18,9 @@ import torch
 
 import data
 import distributed
+import finite
 import losses
+import runfolder
 import train
 from model import load_checkpoint
 
@@ -518,7 +520,7 @@ def test_a_second_start_into_a_folder_in_use_is_refused_and_the_lock_goes_with_t
     holds the folder's lock (here: taken by hand, as a running train.py holds it), another is
     refused; the lock ends with its holder and leaves nothing behind."""
     out = tmp_path / "run"
-    holder = train.RunLock(out)
+    holder = runfolder.RunLock(out)
     assert holder.refusal is None
     with pytest.raises(SystemExit, match=rf"another train\.py \(pid {os.getpid()}\) is writing into {out}"):
         train_main(*run_args(out, "--loss", "ce", "--iters", "2"))
@@ -526,7 +528,7 @@ def test_a_second_start_into_a_folder_in_use_is_refused_and_the_lock_goes_with_t
     holder.release()
     assert not out.exists()                                       # the holder created it and left it empty
     train_main(*run_args(out, "--loss", "ce", "--iters", "2"))
-    assert (out / "model.pt").exists() and not (out / train.RunLock.NAME).exists()
+    assert (out / "model.pt").exists() and not (out / runfolder.RunLock.NAME).exists()
 
 
 def test_ctrl_c_and_a_full_disk_end_in_one_line_naming_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -798,7 +800,7 @@ def test_a_non_finite_value_on_one_rank_stops_every_rank_at_its_step(monkeypatch
     def rank_thread(rank: int) -> None:
         local.rank = rank
         dist = distributed.Dist(rank, 2, rank)
-        guard = train.FiniteGuard(torch.device("cpu"))
+        guard = finite.FiniteGuard(torch.device("cpu"))
         answers[rank] = []
         for step in range(6):
             ce = float("nan") if (rank == 1 and step == 3) else 1.0 + step  # rank 1 alone goes bad
@@ -961,10 +963,10 @@ def test_resume_refuses_another_accum_steps_also_for_checkpoints_from_before_the
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     del ckpt["args"]["accum_steps"]
     args, _ = train.resolve_args(train.get_args_parser().parse_args(run_args(tmp_path, *common)))
-    train.check_resume_args(args, ckpt, world_size=1)
+    runfolder.check_resume_args(args, ckpt, world_size=1)
     args.accum_steps = 2
     with pytest.raises(SystemExit, match="--accum-steps: 2 now, 1 in the checkpoint"):
-        train.check_resume_args(args, ckpt, world_size=1)
+        runfolder.check_resume_args(args, ckpt, world_size=1)
 
 
 def test_a_stop_after_model_pt_is_written_says_the_training_finished(tmp_path, monkeypatch):
@@ -1001,9 +1003,9 @@ def test_an_out_folder_that_cannot_be_created_is_one_line(tmp_path, monkeypatch)
 def test_resume_takes_a_checkpoint_that_does_not_record_its_training_set_size():
     args, _ = train.resolve_args(train.get_args_parser().parse_args(run_args(Path("x"), "--resume", "x/last.pt")))
     ckpt = {"args": vars(args), "train_size": None, "world_size": 1}
-    train.check_resume_args(args, ckpt, world_size=1, train_size=2000)   # nothing to compare: no refusal
+    runfolder.check_resume_args(args, ckpt, world_size=1, train_size=2000)   # nothing to compare: no refusal
     with pytest.raises(SystemExit, match="trained on 100 train images, the data set now has 2000"):
-        train.check_resume_args(args, {**ckpt, "train_size": 100}, world_size=1, train_size=2000)
+        runfolder.check_resume_args(args, {**ckpt, "train_size": 100}, world_size=1, train_size=2000)
 
 
 def test_the_run_lock_is_taken_on_the_lock_file_that_is_there(tmp_path, monkeypatch):
@@ -1015,15 +1017,15 @@ def test_the_run_lock_is_taken_on_the_lock_file_that_is_there(tmp_path, monkeypa
 
     def release_in_between(fd, operation):
         if not calls:  # the previous holder's release() unlinks the file after our open()
-            (tmp_path / train.RunLock.NAME).unlink()
+            (tmp_path / runfolder.RunLock.NAME).unlink()
         calls.append(operation)
         return real_flock(fd, operation)
 
     monkeypatch.setattr(fcntl, "flock", release_in_between)
-    lock = train.RunLock(tmp_path)
+    lock = runfolder.RunLock(tmp_path)
     try:
         assert lock.refusal is None and len(calls) == 2  # retried on the file that exists now
-        assert os.path.samestat(os.fstat(lock.fd), os.stat(tmp_path / train.RunLock.NAME))
+        assert os.path.samestat(os.fstat(lock.fd), os.stat(tmp_path / runfolder.RunLock.NAME))
     finally:
         lock.release()
 
@@ -1033,17 +1035,17 @@ def test_a_stop_before_training_does_not_take_an_old_model_pt_for_this_run(tmp_p
     a model.pt lying in the folder (here one that --overwrite is about to replace)."""
     out = tmp_path / "run"
     train_main(*run_args(out, "--loss", "ce", "--save-every", "2"))   # a finished 4-step run: model.pt
-    real_prepare = train.prepare_run_folder
+    real_prepare = runfolder.prepare_run_folder
 
     def interrupted(*args, **kwargs):  # Ctrl-C before --overwrite has cleared the folder
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "prepare_run_folder", interrupted)
+    monkeypatch.setattr(runfolder, "prepare_run_folder", interrupted)
     with pytest.raises(SystemExit) as stop:
         train_main(*run_args(out, "--loss", "ce", "--iters", "8", "--overwrite"))
     assert "had finished" not in str(stop.value)
     assert str(stop.value).startswith("train.py: stopped by Ctrl-C; the last good checkpoint is ")
-    monkeypatch.setattr(train, "prepare_run_folder", real_prepare)
+    monkeypatch.setattr(runfolder, "prepare_run_folder", real_prepare)
 
 
 def test_a_file_system_without_locks_or_with_a_changing_lock_file_runs_unlocked(tmp_path, monkeypatch, capsys):
@@ -1054,12 +1056,12 @@ def test_a_file_system_without_locks_or_with_a_changing_lock_file_runs_unlocked(
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
-    lock = train.RunLock(tmp_path)
+    lock = runfolder.RunLock(tmp_path)
     assert lock.refusal is None and lock.fd is None
-    assert f"{tmp_path / train.RunLock.NAME} cannot be locked here (No locks available); running without" \
+    assert f"{tmp_path / runfolder.RunLock.NAME} cannot be locked here (No locks available); running without" \
         in capsys.readouterr().err
     monkeypatch.undo()
     monkeypatch.setattr(os.path, "samestat", lambda a, b: False)  # fstat and stat never agree
-    lock = train.RunLock(tmp_path)                                  # bounded: ends, does not spin
+    lock = runfolder.RunLock(tmp_path)                                  # bounded: ends, does not spin
     assert lock.refusal is None and lock.fd is None
     assert "kept being replaced while it was locked" in capsys.readouterr().err

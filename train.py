@@ -24,7 +24,7 @@ One iteration, for a crop batch `x [B, 3, H, W]` with labels `y [B, H, W]`:
   alone logs and writes. Checkpoints are plain types written atomically; `--resume` continues
   bit-exactly on CPU (data order and augmentation are functions of (seed, epoch, index)).
 - No host read-back in the loop: finiteness of the loss terms, gradients, parameters, BatchNorm
-  statistics and optimizer state is reduced on the device every iteration (`FiniteGuard`) and
+  statistics and optimizer state is reduced on the device every iteration (`finite.FiniteGuard`) and
   read at log intervals and before every checkpoint write, so a GPU queue never drains; a
   checkpoint is only written when everything in it is finite.
 
@@ -40,7 +40,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -59,9 +58,11 @@ import checks
 import data
 import distributed
 import evaluate
+import finite
 import infer
 import losses
 import model as model_lib
+import runfolder
 
 LOSSES = ("ce", "affinity", "aaf", "random", "gan", "embedding")
 # Projection losses whose paper weight is not the data set's affinity lambda (docs/protocol.md §4, §6).
@@ -69,25 +70,21 @@ SMALL_LAMBDA_LOSSES = {"random": 0.01, "gan": 0.01}
 DEFAULT_MARGIN = 3.0  # docs/protocol.md §6: m = 3.0 everywhere
 # Checkpoint key of the trained weights inside a projection loss (+ "_optimizer" for their SGD).
 ADVERSARY_KEYS = {"aaf": "aaf", "gan": "disc"}
-# Settings that define the optimisation trajectory: a resumed run must use the same ones.
-TRAJECTORY_ARGS = ("dataset", "train_split", "train_length", "crop_size", "arch", "backbone", "loss",
-                   "loss_lambda", "margin", "kernel_sizes", "decay", "iters", "batch_size", "lr",
-                   "head_lr_mult", "momentum", "weight_decay", "seed", "amp", "accum_steps")
-# Trajectory settings added after checkpoints were first written: the value every earlier run had.
-# (amp is not here: a checkpoint without it is not compared.)
-TRAJECTORY_DEFAULTS = {"accum_steps": 1}
 # Why --loss gan cannot accumulate (resolve_args refuses it; train_step too, if called directly).
 GAN_ACCUM_REFUSAL = ("--loss gan cannot use --accum-steps > 1: its alternating step updates the discriminator "
                      "on the whole batch's predictions before the network is scored by the updated "
                      "discriminator, so every micro-batch's graph would have to be kept, which is the "
                      "memory accumulation saves")
-# Files written atomically into the run folder; a kill -9 mid-write leaves `.<name>.<random>.tmp`.
-ATOMIC_FILES = ("last.pt", "model.pt", "log.jsonl", "args.json")
-TENSORBOARD_DIR = "tensorboard"  # <out>/tensorboard: the events of --tensorboard
+TENSORBOARD_IMAGES = 3  # validation images shown after an evaluation (--tensorboard)
 MAX_DEFAULT_WORKERS = 16  # beyond this, more loader processes mostly add memory (each holds a prefetch queue)
 
 
 # ----------------------------------------------------------------------------- schedules
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Schedules (paper section 4; the 10^(-t/T) factor of the official code)
+# ---------------------------------------------------------------------------------------------
 
 def poly_lr(base_lr: float, step: int, total: int, power: float = 0.9) -> float:
     """Poly learning rate of iteration `step` (0-based) out of `total`: base * (1 - t/T)^power."""
@@ -103,382 +100,9 @@ def affinity_decay(step: int, total: int) -> float:
     return 10.0 ** (-step / total)
 
 
-# ----------------------------------------------------------------------------- arguments
-
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Flags left at 'dataset default' take the paper's value for --dataset "
-               "(data.py's DatasetInfo; docs/protocol.md §6).")
-    g = parser.add_argument_group("data")
-    g.add_argument("--dataset", default=None, choices=sorted(data.DATASET_NAMES),
-                   help="data set (default: synthetic, generated on the fly, no download; name it whenever "
-                        "you give --data-root); folder: your own data at --data-root (classes.txt, "
-                        "images/<split>/, labels/<split>/; README 'Your own data'), whose defaults are: "
-                        f"{data.FOLDER_DEFAULTS_TEXT}")
-    g.add_argument("--data-root", default=None,
-                   help="folder holding the data set (required for every data set but synthetic, "
-                        "which takes none)")
-    g.add_argument("--train-split", default=None,
-                   help="training split (dataset default, e.g. VOC train_aug; VOC stage 2: train)")
-    g.add_argument("--crop-size", type=int, default=None,
-                   help=f"square training crop, a multiple of 8 (dataset default: {data.per_dataset_text('crop_size')})")
-    g.add_argument("--train-length", type=int, default=None, metavar="N",
-                   help="train on the first N samples only (quick runs and tests; default: all)")
-    g.add_argument("--workers", type=int, default=None,
-                   help="data loading processes per rank, >= 0; they live for the whole run and "
-                        "prefetch 2 batches each (default on GPU: the CPUs this process may use, i.e. its "
-                        f"affinity mask divided by the processes per node, minus 1, at most {MAX_DEFAULT_WORKERS}; "
-                        "on CPU: 0, since workers would take cores from the model's threads)")
-
-    g = parser.add_argument_group("model")
-    g.add_argument("--arch", default="pspnet", choices=model_lib.ARCHS, help="segmentation head (default: pspnet)")
-    g.add_argument("--backbone", default=None, choices=model_lib.BACKBONES,
-                   help="dilated backbone (default: tiny for synthetic, resnet101 otherwise)")
-    g.add_argument("--pretrained", default=None,
-                   help="backbone initialisation: imagenet (torchvision's weight file in the torch hub cache), "
-                        "a state-dict path, or none (default: imagenet for ResNets, none for tiny; "
-                        "unused with --init / --resume)")
-
-    g = parser.add_argument_group("loss")
-    g.add_argument("--loss", default="aaf", choices=LOSSES,
-                   help="projection added to cross-entropy: ce (none), affinity (Eq. 7), aaf (Eqs. 8-10), "
-                        "random (Eq. 4), gan (Eqs. 5-6), embedding (contrastive on features) (default: aaf)")
-    g.add_argument("--lambda", dest="loss_lambda", type=float, default=None,
-                   help=f"projection weight (default: random/gan 0.01, else the data set's: "
-                        f"{data.per_dataset_text('loss_lambda')})")
-    g.add_argument("--margin", type=float, default=None,
-                   help="edge margin m (default: 3.0; embedding: the loss's own default)")
-    g.add_argument("--kernel-sizes", type=int, nargs="+", default=None,
-                   help=f"field sizes (default: affinity 3; random 5; embedding 3; aaf the data set's: "
-                        f"{data.per_dataset_text('kernel_sizes')})")
-    g.add_argument("--decay", action=argparse.BooleanOptionalAction, default=True,
-                   help="multiply the projection term by 10^(-t/T) as the official code does (default: on)")
-
-    g = parser.add_argument_group("optimisation")
-    g.add_argument("--iters", type=int, default=None,
-                   help=f"training iterations (dataset default: {data.per_dataset_text('iters')}; VOC stage 2: 30000)")
-    g.add_argument("--batch-size", type=int, default=None,
-                   help=f"global batch per optimizer step, split evenly across processes (dataset default: "
-                        f"{data.per_dataset_text('batch_size')})")
-    g.add_argument("--accum-steps", type=int, default=1, metavar="N",
-                   help="gradient accumulation for GPUs too small for --batch-size: each process's batch runs "
-                        "as N micro-batches, then one optimizer step; every loss mean divides by the whole "
-                        "batch's count, so without BatchNorm the steps equal N = 1 (BN statistics are per "
-                        "micro-batch, and PSPNet's pyramid BN needs >= 2 images per micro-batch); not with "
-                        "--loss gan; README 'Small GPUs' (default: 1)")
-    g.add_argument("--lr", type=float, default=None,
-                   help=f"base learning rate (dataset default: {data.per_dataset_text('lr')}; VOC stage 2: 1e-4)")
-    g.add_argument("--head-lr-mult", type=float, default=10.0,
-                   help="learning-rate multiplier of the head, PSP module and classifier (default: 10)")
-    g.add_argument("--momentum", type=float, default=0.9,
-                   help="SGD momentum of the network, AAF weights and discriminator (default: 0.9)")
-    g.add_argument("--weight-decay", type=float, default=5e-4,
-                   help="weight decay on conv weights only (default: 5e-4)")
-
-    g = parser.add_argument_group("run")
-    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    g.add_argument("--amp", action="store_true", help="bf16 autocast on GPU (ignored on CPU)")
-    g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                   help="torch.compile the model and the losses (BACKEND default: inductor; no fullgraph, "
-                        "so a graph break runs that piece eagerly). Costs compilation in the first "
-                        "iterations of every start, also after --resume (measured: about 3 CPU-minutes for "
-                        "the tiny PSPNet with AAF on CPU; expect minutes for ResNet-101 on a GPU), then "
-                        "faster steps. Compiled kernels round differently from eager ones, so bit-exact "
-                        "--resume is only promised without it (default: off)")
-    g.add_argument("--seed", type=int, default=0,
-                   help="seed of initialisation, data order and augmentation (default: 0)")
-    g.add_argument("--out", default=None,
-                   help="output folder (default: runs/<dataset>_<loss>, or the --resume folder)")
-    g.add_argument("--resume", default=None, metavar="CKPT",
-                   help="continue an interrupted run exactly from its last.pt (pass the run's other flags again)")
-    g.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an --out folder that holds a run (its last.pt, model.pt, log.jsonl, "
-                        "tensorboard/ and eval_*.json are deleted); without it such a folder is refused")
-    g.add_argument("--init", default=None, metavar="CKPT",
-                   help="start from a checkpoint's weights (network, and AAF weights / discriminator when the "
-                        "checkpoint has them); optimizer, step and schedule start afresh (VOC stage 2)")
-    g.add_argument("--finetune", action="store_true",
-                   help="the data set's second stage (VOC: on train, lr 1e-4, 30000 iterations); use with --init")
-    g.add_argument("--save-every", type=int, default=None,
-                   help="write last.pt every N iterations, after checking that all of it is finite "
-                        "(default: iters/10, at most 1000)")
-    g.add_argument("--log-every", type=int, default=20,
-                   help="log every N iterations; also when the device-side finiteness checks and loss "
-                        "sums are read back (default: 20)")
-    g.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
-                   help="single-scale mIoU on the validation split after training (default: on)")
-    g.add_argument("--tensorboard", action="store_true",
-                   help="also write the log records (loss terms, lr, images/s, AAF field sizes per class) and, "
-                        "when it evaluates, validation images | ground truth | prediction as TensorBoard events "
-                        "in <out>/tensorboard (needs: pip install tensorboard; default: off)")
-
-    g = parser.add_argument_group("testing hooks")
-    g.add_argument("--stop-after", type=int, default=None, metavar="N",
-                   help="stop after N iterations without writing model.pt, as if the run were killed")
-    g.add_argument("--dump-rank-state", action="store_true",
-                   help="every rank writes its parameters to <out>/rank<R>.pt at the end (consistency check)")
-    g.add_argument("--kill-at", default=None, metavar="RANK:STEP",
-                   help="process RANK sends itself SIGKILL before iteration STEP (fault injection)")
-    return parser
-
-
-def flag_name(dest: str) -> str:
-    """The command-line spelling of an argparse destination (loss_lambda -> --lambda)."""
-    return "--lambda" if dest == "loss_lambda" else "--" + dest.replace("_", "-")
-
-
-def given_value_problems(args: argparse.Namespace) -> list[str]:
-    """Every value the user gave that is out of range, checked BEFORE defaults are filled in, so
-    that no given value is ever silently replaced by a default (e.g. --train-length 0)."""
-    problems = []
-    for dest in ("train_length", "iters", "batch_size", "accum_steps", "save_every", "log_every", "stop_after"):
-        value = getattr(args, dest, None)
-        if value is not None and value < 1:
-            problems.append(f"{flag_name(dest)} {value} must be >= 1")
-    if getattr(args, "workers", None) is not None and args.workers < 0:
-        problems.append(f"--workers {args.workers} must be >= 0 (0 loads the data in the training process)")
-    # Floats: argparse's float() takes "nan" and "inf"; none of these settings has a meaning for them.
-    ranges = {"lr": (0.0, None), "loss_lambda": (0.0, None), "margin": (0.0, None), "head_lr_mult": (0.0, None),
-              "weight_decay": (0.0, None), "momentum": (0.0, 1.0)}
-    for dest, (low, high) in ranges.items():
-        value = getattr(args, dest, None)
-        if value is None:
-            continue
-        if not math.isfinite(value):
-            problems.append(f"{flag_name(dest)} {value} must be a finite number")
-        elif value < low or (high is not None and value >= high):
-            problems.append(f"{flag_name(dest)} {value} must be in [{low:g}, {'inf' if high is None else f'{high:g}'})")
-    problems += checks.empty_path_problems({flag_name(dest): getattr(args, dest, None)
-                                              for dest in ("data_root", "out", "resume", "init", "pretrained")})
-    if getattr(args, "kill_at", None) is not None:
-        rank, _, step = args.kill_at.partition(":")
-        if not (rank.isdigit() and step.isdigit()):
-            problems.append(f"--kill-at {args.kill_at}: expected RANK:STEP, e.g. 1:3")
-    if args.device not in ("auto", "cpu", "cuda"):
-        problems.append(f"--device {args.device}: expected auto, cpu or cuda")
-    if not 0 <= args.seed < 2**32:  # what numpy and torch's generators accept
-        problems.append(f"--seed {args.seed} must be in 0..2**32-1")
-    if getattr(args, "compile", None) is not None:
-        import torch._dynamo  # the list of backends; only when --compile is asked for
-        backends = torch._dynamo.list_backends(exclude_tags=())
-        if args.compile not in backends:
-            problems.append(f"--compile {args.compile}: unknown torch.compile backend (known: {', '.join(backends)})")
-    return problems
-
-
-def default_workers(device_type: str) -> int:
-    """Loader processes per rank when --workers is not given (the rule --help states)."""
-    if device_type != "cuda":
-        return 0
-    processes_per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    per_process = checks.usable_cpus() // processes_per_node
-    return max(1, min(MAX_DEFAULT_WORKERS, per_process - 1))  # one core stays with the training process
-
-
-def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, data.DatasetInfo]:
-    """Fill the per-dataset defaults (docs/protocol.md §6) and check the invariants before anything runs."""
-    args = argparse.Namespace(**vars(args))  # the caller's namespace stays untouched
-    for dest, default in (("compile", None), ("overwrite", False), ("kill_at", None), ("accum_steps", 1)):
-        if not hasattr(args, dest):  # namespaces built before these flags existed
-            setattr(args, dest, default)
-    problems = given_value_problems(args)
-    if args.dataset is None:
-        if args.data_root is not None:
-            problems.append(f"--data-root {args.data_root} given without --dataset: name the data set "
-                            f"({', '.join(d for d in sorted(data.DATASET_NAMES) if d != 'synthetic')})")
-        args.dataset = "synthetic"
-    elif args.dataset == "synthetic" and args.data_root is not None:
-        problems.append("--dataset synthetic is generated on the fly and takes no --data-root")
-    if problems:
-        raise SystemExit("train.py: " + "; ".join(problems))
-    try:
-        info = data.dataset_info(args.dataset, args.data_root)  # folder: classes and splits from the root
-    except data.DatasetError as err:
-        raise SystemExit(f"train.py: {err}") from None
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.workers is None:
-        args.workers = default_workers(args.device)
-    if args.backbone is None:
-        args.backbone = "tiny" if args.dataset == "synthetic" else "resnet101"
-    if args.resume or args.init:
-        args.pretrained = "none"  # every weight comes from the checkpoint
-    elif args.pretrained is None:
-        args.pretrained = "none" if args.backbone == "tiny" else "imagenet"
-    if args.finetune:
-        if info.finetune_split is None:
-            raise SystemExit(f"train.py: --finetune: {args.dataset} has no second training stage")
-        for name, value in (("train_split", info.finetune_split), ("lr", info.finetune_lr),
-                            ("iters", info.finetune_iters)):
-            if getattr(args, name) is None:
-                setattr(args, name, value)
-    for name in ("crop_size", "iters", "batch_size", "lr"):
-        if getattr(args, name) is None:
-            setattr(args, name, getattr(info, name))
-    if args.train_split is None:
-        args.train_split = info.train_split
-    if args.loss_lambda is None:
-        args.loss_lambda = SMALL_LAMBDA_LOSSES.get(args.loss, info.loss_lambda)
-    if args.margin is None and args.loss in ("affinity", "aaf"):
-        args.margin = DEFAULT_MARGIN
-    if args.kernel_sizes is None:
-        args.kernel_sizes = {"affinity": [3], "aaf": list(info.kernel_sizes), "random": [5],
-                             "embedding": [3]}.get(args.loss, [])
-    args.kernel_sizes = [int(k) for k in args.kernel_sizes]
-    if args.save_every is None:
-        args.save_every = max(1, min(1000, args.iters // 10))
-    if args.out is None:
-        stage = "_finetune" if args.finetune else ""
-        args.out = str(Path(args.resume).parent) if args.resume else f"runs/{args.dataset}_{args.loss}{stage}"
-
-    stride = model_lib.OUTPUT_STRIDE
-    if args.crop_size <= 0 or args.crop_size % stride:
-        problems.append(f"--crop-size {args.crop_size} must be a positive multiple of the output stride {stride}")
-    if args.lr * args.head_lr_mult > torch.finfo(torch.float32).max:  # SGD applies it in float32
-        problems.append(f"--lr {args.lr:g} x --head-lr-mult {args.head_lr_mult:g} overflows float32")
-    if args.pretrained == "imagenet" and args.backbone not in model_lib.IMAGENET_WEIGHTS:
-        problems.append(f"--backbone {args.backbone} has no ImageNet weights: use --pretrained none "
-                        "or a state-dict file")
-    if any(k < 3 or k % 2 == 0 for k in args.kernel_sizes):
-        problems.append(f"--kernel-sizes {args.kernel_sizes}: each must be odd and >= 3 (k = 2s + 1)")
-    elif len(set(args.kernel_sizes)) != len(args.kernel_sizes):
-        problems.append(f"--kernel-sizes {args.kernel_sizes}: a size is listed twice")
-    elif args.crop_size > 0:
-        # A field of size k pairs logits s = (k - 1) / 2 apart: none exist when s reaches the side.
-        side = math.ceil(args.crop_size / stride)
-        far = [k for k in args.kernel_sizes if (k - 1) // 2 >= side]
-        if far:
-            problems.append(f"--kernel-sizes {far[0]} pairs logits {(far[0] - 1) // 2} apart, beyond the {side}x{side} "
-                            f"logits of a {args.crop_size}-px crop: its term would always be 0")
-    out_problem = checks.output_path_problem(args.out, "--out", folder=True) if args.out else None
-    if out_problem:  # an existing file, or a path below one
-        problems.append(out_problem)
-    if args.loss in ("random", "embedding") and len(args.kernel_sizes) != 1:
-        problems.append(f"--loss {args.loss} takes one kernel size, got {args.kernel_sizes}")
-    if args.loss in ("ce", "gan") and args.kernel_sizes:
-        problems.append(f"--loss {args.loss} has no field size; drop --kernel-sizes")
-    if args.loss == "gan" and args.accum_steps > 1:
-        problems.append(GAN_ACCUM_REFUSAL)
-    if args.resume and args.init:
-        problems.append("--resume and --init exclude each other (resume continues a run, init starts a new one)")
-    if args.finetune and not args.init and not args.resume:
-        problems.append("--finetune continues from a first-stage model: give it with --init")
-    if args.eval and info.val_split not in info.splits:  # a folder set without images/val: say so now
-        problems.append(f"{args.dataset} has no {info.val_split!r} split for the final evaluation "
-                        f"(splits: {', '.join(info.splits)}); add it or pass --no-eval")
-    if problems:
-        raise SystemExit("train.py: " + "; ".join(problems))
-    return args, info
-
-
-# ----------------------------------------------------------------------------- distributed
-
-# ----------------------------------------------------------------------------- data
-
-class EpochSampler(Sampler):
-    """Endless (epoch, index) pairs of this rank, starting at iteration `start_step`.
-
-    Each epoch is a DistributedSampler permutation (set_epoch) cut to whole local batches, so that
-    iteration t is batch t mod n of epoch t div n: a resumed run skips the consumed batches of its
-    epoch without loading them. The epoch travels with every index to the data set's workers
-    (`EpochDataset`), so one DataLoader with persistent workers serves the whole run.
-    """
-
-    def __init__(self, dataset_size: int, local_batch: int, dist: distributed.Dist, seed: int, start_step: int):
-        self.local_batch = local_batch
-        self.sampler = DistributedSampler(range(dataset_size), num_replicas=dist.world_size, rank=dist.rank,
-                                          shuffle=True, seed=seed, drop_last=True)
-        self.per_epoch = len(self.sampler) // local_batch  # iterations per epoch
-        self.start_step = start_step
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch, skip = divmod(self.start_step, self.per_epoch)
-        while True:
-            self.sampler.set_epoch(epoch)
-            indices = list(self.sampler)[skip * self.local_batch:self.per_epoch * self.local_batch]
-            yield from ((epoch, index) for index in indices)
-            epoch, skip = epoch + 1, 0
-
-
-class EpochDataset(Dataset):
-    """Item (epoch, index) of a training set: the sample of `index` with the augmentation of `epoch`.
-
-    data.py makes the augmentation a function of (seed, epoch, index) once set_epoch(epoch) is
-    called; here each worker's copy of the data set is told the epoch of every item it loads, so
-    results do not depend on the number of workers or on the workers outliving an epoch.
-    A data set error (a corrupt image) is handed back as {"error": message} instead of being
-    raised: raised in a worker, it would reach the training process as a 30-line traceback.
-    """
-
-    def __init__(self, dataset: data.SegmentationDataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, item: tuple[int, int]) -> dict:
-        epoch, index = item
-        self.dataset.set_epoch(epoch)
-        try:
-            return self.dataset[index]
-        except data.DatasetError as err:
-            return {"error": str(err)}
-
-
-class UnreadableSample(data.DatasetError):
-    """A training sample could not be read (raised on the rank whose loader met it)."""
-
-
-def collate_or_error(samples: list[dict]) -> dict:
-    """default_collate, or the first sample's {"error": message} when a sample could not be read."""
-    for sample in samples:
-        if "error" in sample:
-            return sample
-    return default_collate(samples)
-
-
-def training_batches(dataset: data.SegmentationDataset, args: argparse.Namespace, dist: distributed.Dist, start_step: int,
-                     pin_memory: bool) -> Iterator[dict]:
-    """Endless stream of this rank's batches, starting at iteration `start_step`.
-
-    One DataLoader for the whole run (its `args.workers` processes start once and prefetch two
-    batches each; pinned memory on GPU so the copies overlap compute). Iteration t is batch
-    t mod n of epoch t div n (`EpochSampler`) and the augmentation is a function of (seed,
-    epoch, index), so a resumed run sees exactly the crops an uninterrupted run would,
-    whatever the number of workers. Raises UnreadableSample (one line) for a corrupt sample.
-    """
-    local_batch = args.batch_size // dist.world_size
-    sampler = EpochSampler(len(dataset), local_batch, dist, args.seed, start_step)
-    if sampler.per_epoch == 0:
-        raise SystemExit(f"train.py: {len(dataset)} training samples cannot fill one global batch of "
-                         f"{args.batch_size}")
-    workers = args.workers
-    # Own generator: creating a loader must not consume the global RNG (it differs on resume).
-    loader = DataLoader(EpochDataset(dataset), batch_size=local_batch, sampler=sampler, num_workers=workers,
-                        collate_fn=collate_or_error, pin_memory=pin_memory, persistent_workers=workers > 0,
-                        prefetch_factor=2 if workers > 0 else None,
-                        generator=torch.Generator().manual_seed(args.seed))
-    batches = iter(loader)
-    try:
-        while True:
-            batch = next(batches)
-            if "error" in batch:
-                raise UnreadableSample(batch["error"])
-            yield batch
-    finally:
-        del batches  # shuts the worker processes down
-
-
-def batch_to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """images [B, 3, H, W] (channels-last on GPU, as the model) and labels [B, H, W] on `device`."""
-    images = batch["image"].to(device, non_blocking=True)
-    if device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images, batch["label"].to(device, non_blocking=True)
-
-
-# ----------------------------------------------------------------------------- model, losses, optimizers
+# ---------------------------------------------------------------------------------------------
+# 2. The network, the projection loss and their optimizers
+# ---------------------------------------------------------------------------------------------
 
 @dataclass
 class Parts:
@@ -635,168 +259,19 @@ def load_init_weights(model: nn.Module, projection: nn.Module | None, ckpt: dict
         module.load_state_dict(state)
 
 
-# ----------------------------------------------------------------------------- one iteration
-
-class NonFiniteError(RuntimeError):
-    """Something a checkpoint would hold (or the loss) became NaN or infinite; the message says what."""
-
-
-class FiniteGuard:
-    """A device-side watch over the loss and everything a checkpoint holds, with no host read-back.
-
-    Every iteration (`record`, from train_step) reduces on the device, without synchronising:
-    each loss term, and per kind (gradients; parameters of the network and of the AAF weights or
-    discriminator; BatchNorm statistics; optimizer state: SGD momentum of all optimizers) every
-    tensor (model.finite_flags: on GPU one multi-tensor max-|x| reduction over all of them; exact,
-    no overflow, NaN propagates), to one "not finite" flag per term and kind. The first step at which
-    a flag rises is kept with its flags and loss values; steps are counted as log.jsonl and
-    checkpoints count them (step s = the state after s iterations: iteration t makes step t + 1).
-    `check` reads that back: one read, and under torchrun two all_reduces so that every rank stops
-    at the same point. train.py calls it at every log interval (which includes the last
-    iteration) and before every checkpoint write; a checkpoint is written only after a clean
-    check, so the in-memory state that went bad is never saved.
-
-    It also sums the loss terms on the device for the logged averages (`take_averages`).
-    Non-finite values from a finite loss count: a huge learning rate that overflows the weights,
-    or BatchNorm running variances that overflow while the loss (on batch statistics) stays finite.
-    """
-
-    KINDS = ("gradients", "parameters", "BatchNorm statistics", "optimizer state")
-    NONE = 2**62  # "no bad step yet"; larger than any step so that a MIN over ranks finds the first
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.names: list[str] | None = None     # loss term names, in the order of train_step's dict
-        self.first_step = torch.full((), self.NONE, dtype=torch.int64, device=device)
-        self.first_flags: torch.Tensor | None = None    # bool [terms + kinds] at first_step
-        self.first_values: torch.Tensor | None = None   # float64 [terms] at first_step
-        self.sums: torch.Tensor | None = None           # float64 [terms] since the last average
-        self.count = 0
-
-    def record(self, step: int, terms: dict[str, torch.Tensor], parts: Parts) -> None:
-        """Fold iteration `step` in: call after the optimizer steps (gradients are still there)."""
-        values = torch.stack([t.detach().float() for t in terms.values()]).double()  # [terms]
-        if self.names is None:
-            self.names = list(terms)
-            self.first_flags = torch.zeros(len(terms) + len(self.KINDS), dtype=torch.bool, device=self.device)
-            self.first_values = torch.zeros(len(terms), dtype=torch.float64, device=self.device)
-            self.sums = torch.zeros(len(terms), dtype=torch.float64, device=self.device)
-        groups = watched_tensors(parts)
-        tensors = [t for kind in self.KINDS for t in groups[kind]]
-        sizes = [len(groups[kind]) for kind in self.KINDS]
-        finite = checkpoint.finite_flags(tensors)                                     # [tensors]
-        kind_ok = torch.stack([chunk.all() for chunk in torch.split(finite, sizes)])  # [kinds]
-        flags = torch.cat([~torch.isfinite(values), ~kind_ok])                       # [terms + kinds]
-        new = flags.any() & (self.first_step == self.NONE)
-        self.first_step = torch.where(new, step + 1, self.first_step)  # as logs and checkpoints count
-        self.first_flags = torch.where(new, flags, self.first_flags)
-        self.first_values = torch.where(new, values, self.first_values)
-        self.sums += values
-        self.count += 1
-
-    def take_averages(self, dist: distributed.Dist) -> dict[str, float]:
-        """Mean of each loss term over the iterations since the last call, over all ranks (one read)."""
-        if not self.count:
-            return {}
-        sums = self.sums.clone()
-        if dist.enabled:
-            torch_dist.all_reduce(sums, op=torch_dist.ReduceOp.SUM)
-        means = (sums / (self.count * dist.world_size)).tolist()
-        self.sums.zero_()
-        self.count = 0
-        return dict(zip(self.names, means))
-
-    def check(self, parts: Parts, dist: distributed.Dist) -> str | None:
-        """None while everything was finite on every rank; else what went non-finite first, and where."""
-        if self.names is None:
-            return None
-        first = self.first_step.clone()
-        if dist.enabled:  # the earliest bad step of any rank, then the flags and values of the ranks at it
-            torch_dist.all_reduce(first, op=torch_dist.ReduceOp.MIN)
-        mine = self.first_step == first
-        report = torch.cat([torch.where(mine, self.first_flags.double(), 0.0),
-                            torch.where(mine, self.first_values, 0.0), mine.double()[None]])
-        if dist.enabled:
-            torch_dist.all_reduce(report, op=torch_dist.ReduceOp.SUM)
-        step = int(first)
-        if step == self.NONE:
-            return None
-        report = report.tolist()
-        n = len(self.names)
-        flags, values, ranks = report[:n + len(self.KINDS)], report[n + len(self.KINDS):-1], report[-1]
-        values = [v / ranks for v in values]
-        bad_terms = [name for name, flag in zip(self.names, flags) if flag]
-        bad_kinds = [kind for kind, flag in zip(self.KINDS, flags[n:]) if flag]
-        loss = " ".join(f"{name}={value:.6g}" for name, value in zip(self.names, values))
-        what = (["loss"] if bad_terms else []) + bad_kinds
-        message = f"non-finite {what[0]} at step {step}"
-        if bad_terms:
-            message += f": {loss}"
-        else:
-            message += f" from a finite loss ({loss})"
-        if len(what) > 1:
-            message += f"; also non-finite: {', '.join(what[1:])}"
-        now = non_finite_names(parts)
-        if now:
-            message += f"; now non-finite: {', '.join(now[:3])}" + (f" and {len(now) - 3} more" if len(now) > 3 else "")
-        return message
-
-
-def watched_tensors(parts: Parts) -> dict[str, list[torch.Tensor]]:
-    """The floating-point tensors FiniteGuard watches, per kind (lists rebuilt each step: gradients
-    are new tensors after zero_grad(set_to_none=True), momentum buffers appear at the first step)."""
-    params = list(parts.model_without_ddp.parameters())
-    if parts.projection is not None:
-        params += list(parts.projection.parameters())
-    optimizers = [o for o in (parts.optimizer, parts.projection_optimizer) if o is not None]
-    return {
-        "gradients": [p.grad.detach() for p in params if p.grad is not None],
-        "parameters": [p.detach() for p in params],
-        "BatchNorm statistics": [b for b in parts.model_without_ddp.buffers() if b.is_floating_point()],
-        "optimizer state": [v for o in optimizers for state in o.state.values() for v in state.values()
-                            if isinstance(v, torch.Tensor) and v.is_floating_point()],
-    }
-
-
-def non_finite_names(parts: Parts) -> list[str]:
-    """Names of the saved tensors (parameters, BatchNorm statistics, momentum) that are not finite
-    now; read on the host, once, when training stops."""
-    named = [(f"model.{k}", v) for k, v in parts.model_without_ddp.state_dict().items()]
-    if parts.projection is not None:
-        named += [(f"projection.{k}", v) for k, v in parts.projection.state_dict().items()]
-    names = {id(p): n for n, p in parts.model_without_ddp.named_parameters()}
-    if parts.projection is not None:
-        names.update({id(p): f"projection.{n}" for n, p in parts.projection.named_parameters()})
-    for index, o in enumerate(o for o in (parts.optimizer, parts.projection_optimizer) if o is not None):
-        named += [(f"{'optimizer' if index == 0 else 'projection optimizer'} momentum of "
-                   f"{names[id(p)]}", v)
-                  for p, state in o.state.items() for v in state.values() if isinstance(v, torch.Tensor)]
-    return [name for name, v in named if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-
-
-def discriminator_step(parts: Parts, logits: torch.Tensor, small: torch.Tensor, amp: torch.autocast,
-                       dist: distributed.Dist) -> torch.Tensor:
-    """GAN, alternating step 1 (Eq. 6): D learns to tell the current detached predictions from GT."""
-    with amp:
-        loss = parts.disc_loss(logits.detach(), small)
-    parts.projection_optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    distributed.average_gradients(list(parts.projection.parameters()), dist)
-    # A NaN here is caught by FiniteGuard (loss term "disc", gradients, parameters); a corrupted
-    # D is never written.
-    parts.projection_optimizer.step()
-    return loss.detach()
-
+# ---------------------------------------------------------------------------------------------
+# 3. One iteration: CE + lambda * 10^(-t/T) * projection; AAF's min-max (Eq. 9); the GAN's alternation (Eqs. 5-6)
+# ---------------------------------------------------------------------------------------------
 
 def train_step(parts: Parts, images: torch.Tensor, labels: torch.Tensor, step: int,
                args: argparse.Namespace, dist: distributed.Dist = distributed.Dist(),
-               guard: FiniteGuard | None = None) -> dict[str, torch.Tensor]:
+               guard: finite.FiniteGuard | None = None) -> dict[str, torch.Tensor]:
     """One iteration at `step` (0-based): set LRs, forward, loss terms, backward, optimizer steps.
 
     images [B, 3, H, W] normalised; labels [B, H, W] full-resolution crop labels. Returns this
     rank's loss terms as detached 0-d tensors on the device (never read back here, so a GPU
     queue keeps running): `ce`, the projection's raw (unweighted) value under its --loss name,
-    `total` (what the network minimises) and, for the GAN, `disc`. `guard` (FiniteGuard)
+    `total` (what the network minimises) and, for the GAN, `disc`. `guard` (finite.FiniteGuard)
     records what became non-finite; train.py reads it at log intervals and before saving.
 
     `--accum-steps N` > 1: the batch runs as N micro-batches of B / N (forward and backward each,
@@ -882,27 +357,258 @@ def micro_batch_terms(parts: Parts, images: torch.Tensor, labels: torch.Tensor, 
     return terms
 
 
-# ----------------------------------------------------------------------------- checkpoints
+def discriminator_step(parts: Parts, logits: torch.Tensor, small: torch.Tensor, amp: torch.autocast,
+                       dist: distributed.Dist) -> torch.Tensor:
+    """GAN, alternating step 1 (Eq. 6): D learns to tell the current detached predictions from GT."""
+    with amp:
+        loss = parts.disc_loss(logits.detach(), small)
+    parts.projection_optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    distributed.average_gradients(list(parts.projection.parameters()), dist)
+    # A NaN here is caught by finite.FiniteGuard (loss term "disc", gradients, parameters); a corrupted
+    # D is never written.
+    parts.projection_optimizer.step()
+    return loss.detach()
 
-def rng_state(device: torch.device) -> dict:
-    """Every generator's state as plain types (tensors, lists, ints) for weights_only loading."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-            "python": [py_state[0], list(py_state[1]), py_state[2]]}
+
+# ---------------------------------------------------------------------------------------------
+# 4. The run: start, loop, finish
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """What the loop of one start needs besides the Parts (built by `start_run`)."""
+    parts: Parts
+    train_set: data.SegmentationDataset
+    batches: Iterator[dict]               # endless training batches from `start` on
+    out: Path
+    start: int                            # first iteration of this start (> 0 after --resume)
+    end: int                              # iteration after the last one of this start
+    guard: finite.FiniteGuard
+    writer: object | None                 # TensorBoard SummaryWriter (--tensorboard), rank 0 only
 
 
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
+def train(args: argparse.Namespace, info: data.DatasetInfo, dist: distributed.Dist, device: torch.device,
+          lock: runfolder.RunLock | None = None) -> dict:
+    """The training run: iterations start..end of `train_step`, a log record every --log-every,
+    last.pt every --save-every, then model.pt and the validation mIoU (`finish_run`)."""
+    run = start_run(args, info, dist, device, lock)
+    kill_rank, kill_step = (int(v) for v in args.kill_at.split(":")) if args.kill_at else (-1, -1)
+    tic, tic_step = time.perf_counter(), run.start
+    for step in range(run.start, run.end):
+        if dist.rank == kill_rank and step == kill_step:  # --kill-at: fault injection for the tests
+            os.kill(os.getpid(), signal.SIGKILL)
+        images, labels = batch_to_device(next(run.batches), device)
+        train_step(run.parts, images, labels, step, args, dist, run.guard)
+        done = step + 1
+        if done % args.log_every == 0 or done == run.end:
+            stop_if_not_finite(run, dist)  # reads the device flags: the one synchronisation per log interval
+            averages = run.guard.take_averages(dist)
+            if dist.is_main:
+                elapsed = time.perf_counter() - tic
+                record = {"step": done, "iters": args.iters, "loss": averages,
+                          "lr": poly_lr(args.lr, step, args.iters),
+                          "images_per_s": (done - tic_step) * args.batch_size / elapsed,
+                          "eta_s": elapsed / (done - tic_step) * (args.iters - done)}
+                if args.loss == "aaf":
+                    record["kernel_sizes"] = kernel_sizes_per_class(run.parts)  # paper Fig. 3 over training
+                log_progress(record, run.out / "log.jsonl", info)
+                runfolder.tensorboard_record(run.writer, record, info)
+            tic, tic_step = time.perf_counter(), done
+        if done % args.save_every == 0 and done < args.iters:
+            stop_if_not_finite(run, dist)  # a checkpoint only ever holds finite values
+            if dist.is_main:
+                checkpoint.save_checkpoint(training_state(run.parts, args, info, done, device, dist.world_size,
+                                                          len(run.train_set)), run.out / "last.pt")
+    run.batches.close()  # ends the loader and its worker processes; the last iteration was checked (logged)
+    return finish_run(run, args, info, dist, device)
 
+
+def stop_if_not_finite(run: Run, dist: distributed.Dist) -> None:
+    """FiniteGuard's check point: every rank calls it at the same iterations and stops together."""
+    problem = run.guard.check(run.parts, dist)
+    if problem is not None:
+        kept = runfolder.kept_checkpoint(run.out, resumable=False)
+        raise finite.NonFiniteError(f"{problem}; stopping, nothing non-finite was saved ({kept})")
+
+
+def start_run(args: argparse.Namespace, info: data.DatasetInfo, dist: distributed.Dist, device: torch.device,
+              lock: runfolder.RunLock | None) -> Run:
+    """Everything before the first iteration: the batch split, the run folder's verdict, seeds,
+    the training set, --resume / --init, the network and optimizers, the log and the loader."""
+    check_batch_split(args, dist, device)
+    out = Path(args.out)
+    # Never destroy a run: rank 0, holding the folder's lock, looks at the folder; every rank
+    # follows its verdict.
+    verdict = ((lock.refusal if lock is not None else None) or runfolder.check_run_folder(args, out)) if dist.is_main else None
+    refusal = distributed.rank0_decides(verdict, dist, device)
+    if refusal:
+        raise SystemExit(refusal if dist.is_main else 1)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed crop size: pick the fastest kernels once
+    torch.manual_seed(args.seed)  # identical initialisation on every rank
+    np.random.seed(args.seed)
+    random.seed(args.seed)
+    # Layout errors from data.py surface here, before the model is built.
+    train_set = data.build_dataset(args.dataset, args.data_root, args.train_split, train=True,
+                                   crop_size=args.crop_size, scale_range=info.scale_range, seed=args.seed,
+                                   length=args.train_length)
+    resume = load_for_training(args.resume, info) if args.resume else None
+    if resume is not None:
+        runfolder.check_resume_args(args, resume, dist.world_size, dist.is_main, train_size=len(train_set))
+    init = load_for_training(args.init, info) if args.init else None
+    try:
+        parts = build_parts(args, info, device, dist, init=init)
+    except model_lib.ImageNetWeightsMissing as err:  # worded for this script's flag
+        raise SystemExit(f"train.py: {err.remedy('--pretrained <file>, or --pretrained none')}") from None
+    start = restore(parts, resume, args, device) if resume is not None else 0
+    if dist.is_main:
+        runfolder.prepare_run_folder(args, out, start, dist.world_size)
+        print(f"train.py: {args.dataset} ({len(train_set)} {args.train_split} images), {args.arch}-"
+              f"{args.backbone}, loss {args.loss} (lambda {args.loss_lambda}, decay {args.decay}), "
+              f"{args.iters} iterations of {args.batch_size} crops {args.crop_size}px"
+              f"{f' in {args.accum_steps} micro-batches' if args.accum_steps > 1 else ''} on "
+              f"{dist.world_size} x {device}, {args.workers} loader workers"
+              f"{', compiled' if args.compile else ''}, from step {start} -> {out}", flush=True)
+    writer = runfolder.open_tensorboard(out, start) if args.tensorboard and dist.is_main else None  # beside log.jsonl
+    parts.model.train()
+    batches = training_batches(train_set, args, dist, start, pin_memory=device.type == "cuda")
+    end = args.iters if args.stop_after is None else min(args.iters, args.stop_after)
+    return Run(parts, train_set, batches, out, start, end, finite.FiniteGuard(device), writer)
+
+
+def check_batch_split(args: argparse.Namespace, dist: distributed.Dist, device: torch.device) -> None:
+    """The global batch must split evenly over processes and micro-batches, and PSPNet's pyramid
+    BatchNorm needs two images per BN call."""
+    if args.amp and device.type != "cuda" and dist.is_main:
+        print("train.py: --amp is bf16 autocast on GPU; running in float32 on CPU", file=sys.stderr)
+    if args.batch_size % dist.world_size:
+        raise SystemExit(f"train.py: --batch-size {args.batch_size} (global) is not divisible by the "
+                         f"{dist.world_size} processes")
+    local_batch = args.batch_size // dist.world_size
+    if local_batch % args.accum_steps:
+        share = f" ({local_batch} per process on {dist.world_size})" if dist.enabled else ""
+        raise SystemExit(f"train.py: --batch-size {args.batch_size}{share} does not split into "
+                         f"--accum-steps {args.accum_steps} equal micro-batches")
+    # PSPNet's 1x1 pyramid bin is BatchNorm over one value per image: it needs two images per
+    # BN call, i.e. per process and micro-batch unless SyncBatchNorm (GPU) pools the micro-batches
+    # of every process.
+    bn_batch = (args.batch_size if device.type == "cuda" else local_batch) // args.accum_steps
+    if args.arch == "pspnet" and bn_batch < 2:
+        per = "micro-batch" if args.accum_steps > 1 else "batch"
+        if dist.enabled:
+            per += " over all processes (SyncBatchNorm)" if device.type == "cuda" else " per process"
+        raise SystemExit(f"train.py: PSPNet's BatchNorm needs at least 2 images per {per} "
+                         f"(--batch-size {args.batch_size}"
+                         f"{f' in {args.accum_steps} micro-batches' if args.accum_steps > 1 else ''} "
+                         f"on {dist.world_size} {device.type} process(es))")
+
+
+def finish_run(run: Run, args: argparse.Namespace, info: data.DatasetInfo, dist: distributed.Dist,
+               device: torch.device) -> dict:
+    """model.pt (rank 0), then the single-scale validation mIoU; returns {"out", "step",
+    "checkpoint", "miou"}. --stop-after leaves the folder as a kill would (no model.pt)."""
+    out, end, parts = run.out, run.end, run.parts
+    if args.dump_rank_state:
+        dump_rank_state(parts, out, dist)
+    if end < args.iters:
+        if run.writer is not None:
+            run.writer.close()
+        return {"out": str(out), "step": end, "checkpoint": None, "miou": None}
+    final = out / "model.pt"
+    if dist.is_main:  # the last log line above already showed the AAF field sizes
+        checkpoint.save_checkpoint(training_state(parts, args, info, end, device, dist.world_size,
+                                                  len(run.train_set)), final)
+        print(f"train.py: wrote {final} (step {end})", flush=True)  # before the evaluation, which may fail
+    root = f" --data-root {args.data_root}" if args.data_root else ""
+    score_cmd = f"python evaluate.py --ckpt {final} --metric all{root}"
+    try:
+        # Evaluation runs on rank 0 alone after the group is gone, so no collective can time out.
+        distributed.cleanup_distributed()
+        miou = evaluate_after_training(parts.model_without_ddp, args, info, device, out / "log.jsonl", run.writer) \
+            if dist.is_main and args.eval else None
+    except BaseException as err:  # e.g. Ctrl-C in the evaluation: the run itself is complete
+        if dist.is_main:  # the rank that wrote model.pt (the others do not wait for the write)
+            err.finished_model = (f"the training had finished: {final} (step {end}) is complete; "
+                                  f"score it with {score_cmd}")
+        raise
+    if run.writer is not None:
+        run.writer.close()
+    if dist.is_main:
+        print(f"  evaluate it with: {score_cmd}", flush=True)
+        if args.loss == "aaf":
+            print(f"  learned field sizes (Fig. 3): python evaluate.py --ckpt {final} --metric kernels", flush=True)
+    return {"out": str(out), "step": end, "checkpoint": str(final), "miou": miou}
+
+
+def log_progress(record: dict, log_path: Path, info: data.DatasetInfo) -> None:
+    """One progress line on stdout and the same record as a JSON line in log.jsonl."""
+    eta = datetime.timedelta(seconds=round(min(record["eta_s"], 1e9)))  # 1e9 s: ~31 years, timedelta's range
+    terms = " ".join(f"{k} {v:.4f}" for k, v in record["loss"].items())
+    print(f"step {record['step']}/{record['iters']} | {terms} | lr {record['lr']:.3g} | "
+          f"{record['images_per_s']:.1f} img/s | eta {eta}", flush=True)
+    if "kernel_sizes" in record:
+        print("  " + format_kernel_sizes(record["kernel_sizes"], info), flush=True)
+    runfolder.append_line(log_path, json.dumps(record))
+
+
+def kernel_sizes_per_class(parts: Parts) -> dict[str, list[float]]:
+    """Paper Fig. 3: the AAF's current field size per class, sum_k w[c, k] * k."""
+    edge, nonedge = parts.projection.kernel_size_per_class()
+    return {"edge": [round(float(v), 3) for v in edge], "nonedge": [round(float(v), 3) for v in nonedge]}
+
+
+def format_kernel_sizes(sizes: dict[str, list[float]], info: data.DatasetInfo) -> str:
+    return "AAF field size per class (edge/non-edge): " + ", ".join(
+        f"{name} {e:.2f}/{n:.2f}" for name, e, n in zip(info.class_names, sizes["edge"], sizes["nonedge"]))
+
+
+def evaluate_after_training(net: nn.Module, args: argparse.Namespace, info: data.DatasetInfo,
+                            device: torch.device, log_path: Path, writer=None) -> float:
+    """Single-scale mIoU on the validation split (the full protocol is evaluate.py's job); with a
+    TensorBoard writer also val/miou and a few predictions."""
+    val_set = data.build_dataset(args.dataset, args.data_root, info.val_split, train=False)
+    results = evaluate.evaluate_model(net, val_set, args.dataset, metrics=("miou",), crop_size=info.eval_crop,
+                                      stride=info.eval_stride, device=device, progress=False)
+    miou = float(results["miou"])
+    print(f"train.py: {info.val_split} mIoU {100 * miou:.2f} (single scale, {len(val_set)} images)", flush=True)
+    runfolder.append_line(log_path, json.dumps({"eval": info.val_split, "miou": miou}))
+    if writer is not None:
+        writer.add_scalar(f"{info.val_split}/miou", miou, args.iters)
+        tensorboard_predictions(writer, net, val_set, info, args.iters, device)
+    return miou
+
+
+def tensorboard_predictions(writer, net: nn.Module, val_set, info: data.DatasetInfo, step: int,
+                            device: torch.device, count: int = TENSORBOARD_IMAGES) -> None:
+    """The first `count` validation images as [H, 3W + 4, 3] strips: image | ground truth | prediction
+    (single scale, the data set's evaluation window)."""
+    gap = 2  # white pixels between the panels
+    for index in range(min(count, len(val_set))):
+        sample = val_set[index]
+        probs = infer.predict(net, torch.as_tensor(sample["image"]).to(device), info.eval_crop, info.eval_stride)
+        pred = probs.argmax(dim=0).to(torch.uint8).cpu().numpy()            # [H, W] class ids
+        rgb = data.denormalize(sample["image"], info)                         # [H, W, 3] uint8
+        white = np.full((rgb.shape[0], gap, 3), 255, np.uint8)
+        strip = np.concatenate([rgb, white, data.colorize(np.asarray(sample["label"]), info.palette), white,
+                                data.colorize(pred, info.palette)], axis=1)
+        writer.add_image(f"{info.val_split}_image_gt_prediction/{sample['name']}", strip, step, dataformats="HWC")
+    writer.flush()
+
+
+def dump_rank_state(parts: Parts, out: Path, dist: distributed.Dist) -> None:
+    """Testing hook: this rank's trainable parameters, to check that all ranks agree."""
+    if dist.enabled:
+        torch_dist.barrier()  # rank 0 may still be creating `out`
+    state = {f"model.{k}": v.detach().cpu() for k, v in parts.model_without_ddp.named_parameters()}
+    if parts.projection is not None:
+        state.update({f"projection.{k}": v.detach().cpu() for k, v in parts.projection.state_dict().items()})
+    torch.save(state, out / f"rank{dist.rank}.pt")
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. What a checkpoint holds; --resume and --init
+# ---------------------------------------------------------------------------------------------
 
 def training_state(parts: Parts, args: argparse.Namespace, info: data.DatasetInfo, step: int,
                device: torch.device, world_size: int, train_size: int | None = None) -> dict:
@@ -923,30 +629,8 @@ def training_state(parts: Parts, args: argparse.Namespace, info: data.DatasetInf
         "aaf_optimizer": parts.projection_optimizer.state_dict() if key == "aaf" else None,
         "disc": proj.state_dict() if key == "disc" else None,
         "disc_optimizer": parts.projection_optimizer.state_dict() if key == "disc" else None,
-        "rng": rng_state(device),
+        "rng": runfolder.rng_state(device),
     }
-
-
-def check_resume_args(args: argparse.Namespace, ckpt: dict, world_size: int, is_main: bool = True,
-                      train_size: int | None = None) -> None:
-    """A resumed run must follow the same trajectory: refuse changed settings, and a training set
-    of another size (its order depends on the size), up front."""
-    # A setting missing from the checkpoint predates it: it had the value of TRAJECTORY_DEFAULTS
-    # (accum_steps: 1), or for the others (e.g. amp, added later) there is nothing to compare.
-    saved = {**TRAJECTORY_DEFAULTS, **ckpt.get("args", {})}
-    changed = [f"{flag_name(name)}: {getattr(args, name)!r} now, {saved[name]!r} in the checkpoint"
-               for name in TRAJECTORY_ARGS if name in saved and saved[name] != getattr(args, name)]
-    if changed:
-        raise SystemExit(f"train.py: --resume {args.resume} was written with other settings; pass the "
-                         "original run's flags (" + "; ".join(changed) + ")")
-    saved_size = ckpt.get("train_size")  # None: a checkpoint from before the check, nothing to compare
-    if train_size is not None and saved_size is not None and saved_size != train_size:
-        raise SystemExit(f"train.py: --resume {args.resume} trained on {saved_size} {args.train_split} "
-                         f"images, the data set now has {train_size}: the data order would differ from the "
-                         "interrupted run (restore the data set, or start a new run with --init)")
-    if ckpt.get("world_size", world_size) != world_size and is_main:
-        print(f"train.py: warning: resuming on {world_size} processes, the checkpoint ran on "
-              f"{ckpt['world_size']}: the data order differs from an uninterrupted run", file=sys.stderr)
 
 
 def restore(parts: Parts, ckpt: dict, args: argparse.Namespace, device: torch.device) -> int:
@@ -959,7 +643,7 @@ def restore(parts: Parts, ckpt: dict, args: argparse.Namespace, device: torch.de
         parts.projection_optimizer.load_state_dict(ckpt[f"{key}_optimizer"])
     # Every rank takes rank 0's generator states; training itself draws no random numbers
     # (augmentation is seeded per sample), so this only matters for user extensions.
-    set_rng_state(ckpt["rng"], device)
+    runfolder.set_rng_state(ckpt["rng"], device)
     return int(ckpt["step"])
 
 
@@ -970,253 +654,377 @@ def load_for_training(path: str, info: data.DatasetInfo) -> dict:
     return ckpt
 
 
-# ----------------------------------------------------------------------------- run folder
+# ---------------------------------------------------------------------------------------------
+# 6. The training stream: each rank's share of the crops, in a resumable order
+# ---------------------------------------------------------------------------------------------
 
-def checkpoint_step(path: Path) -> int | None:
-    """The step a checkpoint file was written at; None if it cannot be read (memory-mapped: cheap)."""
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
-    except Exception:  # unreadable, truncated or foreign: the caller words it
-        return None
+class EpochSampler(Sampler):
+    """Endless (epoch, index) pairs of this rank, starting at iteration `start_step`.
 
-
-def describe_run(out: Path) -> str | None:
-    """What `out` holds that a fresh start would destroy, e.g. "last.pt at step 180, log.jsonl
-    with 9 records"; None when it holds none of last.pt, model.pt or a non-empty log.jsonl."""
-    found = []
-    for name in ("last.pt", "model.pt"):
-        path = out / name
-        if path.exists():
-            step = checkpoint_step(path)
-            found.append(f"{name} (unreadable)" if step is None else f"{name} at step {step}")
-    log = out / "log.jsonl"
-    if log.is_file() and log.stat().st_size > 0:
-        records = len(log.read_text().splitlines())
-        found.append(f"log.jsonl with {records} record{'s' if records != 1 else ''}")
-    return ", ".join(found) or None
-
-
-def continues_in_place(args: argparse.Namespace, out: Path) -> bool:
-    """--resume of the run whose folder is `out` (the default --out of --resume)."""
-    return args.resume is not None and Path(args.resume).resolve().parent == out.resolve()
-
-
-class RunLock:
-    """One train.py per run folder: an exclusive flock on <out>/.train.lock, taken before the
-    folder is looked at and held until the process ends. The kernel drops a flock when its process
-    dies, even by kill -9, so a crash leaves no stale lock; a second start into the folder meanwhile
-    is refused (`refusal`) instead of interleaving its log and checkpoints with the first's.
-    Without fcntl (not POSIX) there is no lock."""
-
-    NAME = ".train.lock"
-    TRIES = 10
-
-    @staticmethod
-    def unlocked(why: str) -> None:
-        print(f"train.py: warning: {why}; running without the one-run-per-folder lock", file=sys.stderr)
-
-    def __init__(self, out: Path):
-        self.out, self.fd, self.refusal = out, None, None
-        self.created = not out.exists()   # remove the folder again if this start leaves it empty
-        try:
-            import fcntl
-        except ImportError:
-            return
-        path = out / self.NAME
-        for _ in range(self.TRIES):
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-            except FileNotFoundError:  # another start's release() removed the empty folder meanwhile
-                continue
-            except OSError as error:  # no permission, a read-only file system
-                self.refusal = (f"train.py: cannot create {path} ({error.strerror or error}); --out must be a "
-                                "folder this user can write")
-                return
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:  # EWOULDBLOCK: held by a running train.py
-                holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-                os.close(fd)
-                self.refusal = (f"train.py: another train.py (pid {holder}) is writing into {out} right now; "
-                                "wait for it to end or choose another --out")
-                return
-            except OSError as error:  # e.g. ENOLCK: a network file system without locks
-                os.close(fd)
-                self.unlocked(f"{path} cannot be locked here ({error.strerror or error})")
-                return
-            # release() unlinks the file before it unlocks: a lock taken on a file that has been
-            # unlinked meanwhile is no lock (a third start would create and lock a new file). Retry.
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(path))
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        else:  # the file kept changing under us, or this file system's fstat and stat disagree
-            self.unlocked(f"{path} kept being replaced while it was locked")
-            return
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is None:
-            return
-        (self.out / self.NAME).unlink(missing_ok=True)
-        os.close(self.fd)                 # drops the flock
-        self.fd = None
-        if self.created:
-            try:
-                self.out.rmdir()          # only if nothing was written into it
-            except OSError:
-                pass
-
-
-def check_run_folder(args: argparse.Namespace, out: Path) -> str | None:
-    """Refusal message when starting would overwrite another run's files (None: go ahead)."""
-    if continues_in_place(args, out) or args.overwrite:
-        return None
-    held = describe_run(out)
-    if held is None:
-        return None
-    if (out / "model.pt").exists():  # finished: nothing to continue
-        return (f"train.py: {out} already holds a finished run ({held}); choose another --out "
-                "(--overwrite starts afresh and deletes it)")
-    way = (f"continue it with --resume {out / 'last.pt'}, or choose another --out" if (out / "last.pt").exists()
-           else "it has no checkpoint to continue from; choose another --out")
-    return f"train.py: {out} already holds a run ({held}); {way} (--overwrite starts afresh and deletes it)"
-
-
-def prepare_run_folder(args: argparse.Namespace, out: Path, start: int, world_size: int) -> None:
-    """Rank 0, before the first iteration: leave the folder as this start's files describe it.
-
-    - temporary files of atomic writes that a kill -9 interrupted are removed;
-    - a new run (check_run_folder let it in: the folder held no run, or --overwrite): an old
-      run's checkpoints and TensorBoard events go and the log starts empty;
-    - resume in the run's folder: log.jsonl keeps its records up to the resumed step only (the
-      ones after it are redone), rewritten atomically, so after any number of kills each step is
-      logged once;
-    - args.json: the resolved settings of this start (rewritten on every start, atomically).
+    Each epoch is a DistributedSampler permutation (set_epoch) cut to whole local batches, so that
+    iteration t is batch t mod n of epoch t div n: a resumed run skips the consumed batches of its
+    epoch without loading them. The epoch travels with every index to the data set's workers
+    (`EpochDataset`), so one DataLoader with persistent workers serves the whole run.
     """
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ATOMIC_FILES:
-        for tmp in out.glob(f".{name}.*.tmp"):
-            tmp.unlink(missing_ok=True)
-    log_path = out / "log.jsonl"
-    kept = []
-    if not continues_in_place(args, out):
-        for name in ("last.pt", "model.pt"):
-            (out / name).unlink(missing_ok=True)
-        # The old run's TensorBoard events and evaluate.py results too: a new writer would add its
-        # curves to theirs, and old scores would sit beside the new model.
-        shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
-        for old in out.glob("eval_*.json"):
-            old.unlink()
-    elif log_path.is_file():
-        for line in log_path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by the kill: it and what follows are redone
-                break
-            if record.get("step", 0) > start or "eval" in record:
-                break
-            kept.append(line)
-    text = "".join(line + "\n" for line in kept)
-    checkpoint.atomic_write(log_path, lambda f: f.write(text.encode()))
-    settings = {"args": vars(args), "start_step": start, "world_size": world_size, "torch": torch.__version__}
-    body = json.dumps(settings, indent=1) + "\n"
-    checkpoint.atomic_write(out / "args.json", lambda f: f.write(body.encode()))
+
+    def __init__(self, dataset_size: int, local_batch: int, dist: distributed.Dist, seed: int, start_step: int):
+        self.local_batch = local_batch
+        self.sampler = DistributedSampler(range(dataset_size), num_replicas=dist.world_size, rank=dist.rank,
+                                          shuffle=True, seed=seed, drop_last=True)
+        self.per_epoch = len(self.sampler) // local_batch  # iterations per epoch
+        self.start_step = start_step
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, skip = divmod(self.start_step, self.per_epoch)
+        while True:
+            self.sampler.set_epoch(epoch)
+            indices = list(self.sampler)[skip * self.local_batch:self.per_epoch * self.local_batch]
+            yield from ((epoch, index) for index in indices)
+            epoch, skip = epoch + 1, 0
 
 
-# ----------------------------------------------------------------------------- logging
+class EpochDataset(Dataset):
+    """Item (epoch, index) of a training set: the sample of `index` with the augmentation of `epoch`.
 
-def kernel_sizes_per_class(parts: Parts) -> dict[str, list[float]]:
-    """Paper Fig. 3: the AAF's current field size per class, sum_k w[c, k] * k."""
-    edge, nonedge = parts.projection.kernel_size_per_class()
-    return {"edge": [round(float(v), 3) for v in edge], "nonedge": [round(float(v), 3) for v in nonedge]}
+    data.py makes the augmentation a function of (seed, epoch, index) once set_epoch(epoch) is
+    called; here each worker's copy of the data set is told the epoch of every item it loads, so
+    results do not depend on the number of workers or on the workers outliving an epoch.
+    A data set error (a corrupt image) is handed back as {"error": message} instead of being
+    raised: raised in a worker, it would reach the training process as a 30-line traceback.
+    """
+
+    def __init__(self, dataset: data.SegmentationDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict:
+        epoch, index = item
+        self.dataset.set_epoch(epoch)
+        try:
+            return self.dataset[index]
+        except data.DatasetError as err:
+            return {"error": str(err)}
 
 
-def format_kernel_sizes(sizes: dict[str, list[float]], info: data.DatasetInfo) -> str:
-    return "AAF field size per class (edge/non-edge): " + ", ".join(
-        f"{name} {e:.2f}/{n:.2f}" for name, e, n in zip(info.class_names, sizes["edge"], sizes["nonedge"]))
+class UnreadableSample(data.DatasetError):
+    """A training sample could not be read (raised on the rank whose loader met it)."""
 
 
-def append_line(path: Path, line: str) -> None:
-    """One line more in log.jsonl; a full disk is a WriteError (one line), not a traceback."""
+def collate_or_error(samples: list[dict]) -> dict:
+    """default_collate, or the first sample's {"error": message} when a sample could not be read."""
+    for sample in samples:
+        if "error" in sample:
+            return sample
+    return default_collate(samples)
+
+
+def training_batches(dataset: data.SegmentationDataset, args: argparse.Namespace, dist: distributed.Dist, start_step: int,
+                     pin_memory: bool) -> Iterator[dict]:
+    """Endless stream of this rank's batches, starting at iteration `start_step`.
+
+    One DataLoader for the whole run (its `args.workers` processes start once and prefetch two
+    batches each; pinned memory on GPU so the copies overlap compute). Iteration t is batch
+    t mod n of epoch t div n (`EpochSampler`) and the augmentation is a function of (seed,
+    epoch, index), so a resumed run sees exactly the crops an uninterrupted run would,
+    whatever the number of workers. Raises UnreadableSample (one line) for a corrupt sample.
+    """
+    local_batch = args.batch_size // dist.world_size
+    sampler = EpochSampler(len(dataset), local_batch, dist, args.seed, start_step)
+    if sampler.per_epoch == 0:
+        raise SystemExit(f"train.py: {len(dataset)} training samples cannot fill one global batch of "
+                         f"{args.batch_size}")
+    workers = args.workers
+    # Own generator: creating a loader must not consume the global RNG (it differs on resume).
+    loader = DataLoader(EpochDataset(dataset), batch_size=local_batch, sampler=sampler, num_workers=workers,
+                        collate_fn=collate_or_error, pin_memory=pin_memory, persistent_workers=workers > 0,
+                        prefetch_factor=2 if workers > 0 else None,
+                        generator=torch.Generator().manual_seed(args.seed))
+    batches = iter(loader)
     try:
-        with open(path, "a") as f:
-            f.write(line + "\n")
-    except OSError as error:
-        raise checkpoint.WriteError(f"cannot write {path}: {error.strerror or error}") from error
+        while True:
+            batch = next(batches)
+            if "error" in batch:
+                raise UnreadableSample(batch["error"])
+            yield batch
+    finally:
+        del batches  # shuts the worker processes down
 
 
-def log_progress(record: dict, log_path: Path, info: data.DatasetInfo) -> None:
-    """One progress line on stdout and the same record as a JSON line in log.jsonl."""
-    eta = datetime.timedelta(seconds=round(min(record["eta_s"], 1e9)))  # 1e9 s: ~31 years, timedelta's range
-    terms = " ".join(f"{k} {v:.4f}" for k, v in record["loss"].items())
-    print(f"step {record['step']}/{record['iters']} | {terms} | lr {record['lr']:.3g} | "
-          f"{record['images_per_s']:.1f} img/s | eta {eta}", flush=True)
-    if "kernel_sizes" in record:
-        print("  " + format_kernel_sizes(record["kernel_sizes"], info), flush=True)
-    append_line(log_path, json.dumps(record))
+def batch_to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """images [B, 3, H, W] (channels-last on GPU, as the model) and labels [B, H, W] on `device`."""
+    images = batch["image"].to(device, non_blocking=True)
+    if device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, batch["label"].to(device, non_blocking=True)
 
 
-# ----------------------------------------------------------------------------- TensorBoard (optional)
+# ---------------------------------------------------------------------------------------------
+# 7. Command line
+# ---------------------------------------------------------------------------------------------
 
-TENSORBOARD_IMAGES = 3  # validation images shown after an evaluation
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Flags left at 'dataset default' take the paper's value for --dataset "
+               "(data.py's DatasetInfo; docs/protocol.md §6).")
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", default=None, choices=sorted(data.DATASET_NAMES),
+                   help="data set (default: synthetic, generated on the fly, no download; name it whenever "
+                        "you give --data-root); folder: your own data at --data-root (classes.txt, "
+                        "images/<split>/, labels/<split>/; README 'Your own data'), whose defaults are: "
+                        f"{data.FOLDER_DEFAULTS_TEXT}")
+    g.add_argument("--data-root", default=None,
+                   help="folder holding the data set (required for every data set but synthetic, "
+                        "which takes none)")
+    g.add_argument("--train-split", default=None,
+                   help="training split (dataset default, e.g. VOC train_aug; VOC stage 2: train)")
+    g.add_argument("--crop-size", type=int, default=None,
+                   help=f"square training crop, a multiple of 8 (dataset default: {data.per_dataset_text('crop_size')})")
+    g.add_argument("--train-length", type=int, default=None, metavar="N",
+                   help="train on the first N samples only (quick runs and tests; default: all)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="data loading processes per rank, >= 0; they live for the whole run and "
+                        "prefetch 2 batches each (default on GPU: the CPUs this process may use, i.e. its "
+                        f"affinity mask divided by the processes per node, minus 1, at most {MAX_DEFAULT_WORKERS}; "
+                        "on CPU: 0, since workers would take cores from the model's threads)")
+
+    g = parser.add_argument_group("model")
+    g.add_argument("--arch", default="pspnet", choices=model_lib.ARCHS, help="segmentation head (default: pspnet)")
+    g.add_argument("--backbone", default=None, choices=model_lib.BACKBONES,
+                   help="dilated backbone (default: tiny for synthetic, resnet101 otherwise)")
+    g.add_argument("--pretrained", default=None,
+                   help="backbone initialisation: imagenet (torchvision's weight file in the torch hub cache), "
+                        "a state-dict path, or none (default: imagenet for ResNets, none for tiny; "
+                        "unused with --init / --resume)")
+
+    g = parser.add_argument_group("loss")
+    g.add_argument("--loss", default="aaf", choices=LOSSES,
+                   help="projection added to cross-entropy: ce (none), affinity (Eq. 7), aaf (Eqs. 8-10), "
+                        "random (Eq. 4), gan (Eqs. 5-6), embedding (contrastive on features) (default: aaf)")
+    g.add_argument("--lambda", dest="loss_lambda", type=float, default=None,
+                   help=f"projection weight (default: random/gan 0.01, else the data set's: "
+                        f"{data.per_dataset_text('loss_lambda')})")
+    g.add_argument("--margin", type=float, default=None,
+                   help="edge margin m (default: 3.0; embedding: the loss's own default)")
+    g.add_argument("--kernel-sizes", type=int, nargs="+", default=None,
+                   help=f"field sizes (default: affinity 3; random 5; embedding 3; aaf the data set's: "
+                        f"{data.per_dataset_text('kernel_sizes')})")
+    g.add_argument("--decay", action=argparse.BooleanOptionalAction, default=True,
+                   help="multiply the projection term by 10^(-t/T) as the official code does (default: on)")
+
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--iters", type=int, default=None,
+                   help=f"training iterations (dataset default: {data.per_dataset_text('iters')}; VOC stage 2: 30000)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help=f"global batch per optimizer step, split evenly across processes (dataset default: "
+                        f"{data.per_dataset_text('batch_size')})")
+    g.add_argument("--accum-steps", type=int, default=1, metavar="N",
+                   help="gradient accumulation for GPUs too small for --batch-size: each process's batch runs "
+                        "as N micro-batches, then one optimizer step; every loss mean divides by the whole "
+                        "batch's count, so without BatchNorm the steps equal N = 1 (BN statistics are per "
+                        "micro-batch, and PSPNet's pyramid BN needs >= 2 images per micro-batch); not with "
+                        "--loss gan; README 'Small GPUs' (default: 1)")
+    g.add_argument("--lr", type=float, default=None,
+                   help=f"base learning rate (dataset default: {data.per_dataset_text('lr')}; VOC stage 2: 1e-4)")
+    g.add_argument("--head-lr-mult", type=float, default=10.0,
+                   help="learning-rate multiplier of the head, PSP module and classifier (default: 10)")
+    g.add_argument("--momentum", type=float, default=0.9,
+                   help="SGD momentum of the network, AAF weights and discriminator (default: 0.9)")
+    g.add_argument("--weight-decay", type=float, default=5e-4,
+                   help="weight decay on conv weights only (default: 5e-4)")
+
+    g = parser.add_argument_group("run")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    g.add_argument("--amp", action="store_true", help="bf16 autocast on GPU (ignored on CPU)")
+    g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the model and the losses (BACKEND default: inductor; no fullgraph, "
+                        "so a graph break runs that piece eagerly). Costs compilation in the first "
+                        "iterations of every start, also after --resume (measured: about 3 CPU-minutes for "
+                        "the tiny PSPNet with AAF on CPU; expect minutes for ResNet-101 on a GPU), then "
+                        "faster steps. Compiled kernels round differently from eager ones, so bit-exact "
+                        "--resume is only promised without it (default: off)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of initialisation, data order and augmentation (default: 0)")
+    g.add_argument("--out", default=None,
+                   help="output folder (default: runs/<dataset>_<loss>, or the --resume folder)")
+    g.add_argument("--resume", default=None, metavar="CKPT",
+                   help="continue an interrupted run exactly from its last.pt (pass the run's other flags again)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out folder that holds a run (its last.pt, model.pt, log.jsonl, "
+                        "tensorboard/ and eval_*.json are deleted); without it such a folder is refused")
+    g.add_argument("--init", default=None, metavar="CKPT",
+                   help="start from a checkpoint's weights (network, and AAF weights / discriminator when the "
+                        "checkpoint has them); optimizer, step and schedule start afresh (VOC stage 2)")
+    g.add_argument("--finetune", action="store_true",
+                   help="the data set's second stage (VOC: on train, lr 1e-4, 30000 iterations); use with --init")
+    g.add_argument("--save-every", type=int, default=None,
+                   help="write last.pt every N iterations, after checking that all of it is finite "
+                        "(default: iters/10, at most 1000)")
+    g.add_argument("--log-every", type=int, default=20,
+                   help="log every N iterations; also when the device-side finiteness checks and loss "
+                        "sums are read back (default: 20)")
+    g.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
+                   help="single-scale mIoU on the validation split after training (default: on)")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write the log records (loss terms, lr, images/s, AAF field sizes per class) and, "
+                        "when it evaluates, validation images | ground truth | prediction as TensorBoard events "
+                        "in <out>/tensorboard (needs: pip install tensorboard; default: off)")
+
+    g = parser.add_argument_group("testing hooks")
+    g.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop after N iterations without writing model.pt, as if the run were killed")
+    g.add_argument("--dump-rank-state", action="store_true",
+                   help="every rank writes its parameters to <out>/rank<R>.pt at the end (consistency check)")
+    g.add_argument("--kill-at", default=None, metavar="RANK:STEP",
+                   help="process RANK sends itself SIGKILL before iteration STEP (fault injection)")
+    return parser
 
 
-def open_tensorboard(out: Path, start: int):
-    """A SummaryWriter on <out>/tensorboard, or one line saying what to install. A resumed run
-    (start > 0) hides the events a killed run wrote after its checkpoint (purge_step)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-    except ImportError:
-        raise SystemExit("train.py: --tensorboard needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(log_dir=str(out / TENSORBOARD_DIR), purge_step=start + 1 if start else None)
-
-
-def tensorboard_record(writer, record: dict, info: data.DatasetInfo) -> None:
-    """The numbers of one log.jsonl record as scalars at its step: loss/<term>, lr, images_per_s,
-    eta_s, ... and the AAF field sizes per class (aaf_field_edge/<class>, aaf_field_nonedge/<class>)."""
-    if writer is None:
-        return
-    step = record["step"]
-    for key, value in record.items():
-        if key in ("step", "iters"):
+def given_value_problems(args: argparse.Namespace) -> list[str]:
+    """Every value the user gave that is out of range, checked BEFORE defaults are filled in, so
+    that no given value is ever silently replaced by a default (e.g. --train-length 0)."""
+    problems = []
+    for dest in ("train_length", "iters", "batch_size", "accum_steps", "save_every", "log_every", "stop_after"):
+        value = getattr(args, dest, None)
+        if value is not None and value < 1:
+            problems.append(f"{checks.flag_name(dest)} {value} must be >= 1")
+    if getattr(args, "workers", None) is not None and args.workers < 0:
+        problems.append(f"--workers {args.workers} must be >= 0 (0 loads the data in the training process)")
+    # Floats: argparse's float() takes "nan" and "inf"; none of these settings has a meaning for them.
+    ranges = {"lr": (0.0, None), "loss_lambda": (0.0, None), "margin": (0.0, None), "head_lr_mult": (0.0, None),
+              "weight_decay": (0.0, None), "momentum": (0.0, 1.0)}
+    for dest, (low, high) in ranges.items():
+        value = getattr(args, dest, None)
+        if value is None:
             continue
-        if key == "kernel_sizes":  # {"edge": [C], "nonedge": [C]}: Fig. 3 over training
-            for term, sizes in value.items():
-                for name, size in zip(info.class_names, sizes):
-                    writer.add_scalar(f"aaf_field_{term}/{name}", size, step)
-        elif isinstance(value, dict):
-            for term, number in value.items():
-                writer.add_scalar(f"{key}/{term}", number, step)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            writer.add_scalar(key, value, step)
-    writer.flush()  # a killed run keeps what it logged
+        if not math.isfinite(value):
+            problems.append(f"{checks.flag_name(dest)} {value} must be a finite number")
+        elif value < low or (high is not None and value >= high):
+            problems.append(f"{checks.flag_name(dest)} {value} must be in [{low:g}, {'inf' if high is None else f'{high:g}'})")
+    problems += checks.empty_path_problems({checks.flag_name(dest): getattr(args, dest, None)
+                                              for dest in ("data_root", "out", "resume", "init", "pretrained")})
+    if getattr(args, "kill_at", None) is not None:
+        rank, _, step = args.kill_at.partition(":")
+        if not (rank.isdigit() and step.isdigit()):
+            problems.append(f"--kill-at {args.kill_at}: expected RANK:STEP, e.g. 1:3")
+    if args.device not in ("auto", "cpu", "cuda"):
+        problems.append(f"--device {args.device}: expected auto, cpu or cuda")
+    if not 0 <= args.seed < 2**32:  # what numpy and torch's generators accept
+        problems.append(f"--seed {args.seed} must be in 0..2**32-1")
+    if getattr(args, "compile", None) is not None:
+        import torch._dynamo  # the list of backends; only when --compile is asked for
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if args.compile not in backends:
+            problems.append(f"--compile {args.compile}: unknown torch.compile backend (known: {', '.join(backends)})")
+    return problems
 
 
-def tensorboard_predictions(writer, net: nn.Module, val_set, info: data.DatasetInfo, step: int,
-                            device: torch.device, count: int = TENSORBOARD_IMAGES) -> None:
-    """The first `count` validation images as [H, 3W + 4, 3] strips: image | ground truth | prediction
-    (single scale, the data set's evaluation window)."""
-    gap = 2  # white pixels between the panels
-    for index in range(min(count, len(val_set))):
-        sample = val_set[index]
-        probs = infer.predict(net, torch.as_tensor(sample["image"]).to(device), info.eval_crop, info.eval_stride)
-        pred = probs.argmax(dim=0).to(torch.uint8).cpu().numpy()            # [H, W] class ids
-        rgb = data.denormalize(sample["image"], info)                         # [H, W, 3] uint8
-        white = np.full((rgb.shape[0], gap, 3), 255, np.uint8)
-        strip = np.concatenate([rgb, white, data.colorize(np.asarray(sample["label"]), info.palette), white,
-                                data.colorize(pred, info.palette)], axis=1)
-        writer.add_image(f"{info.val_split}_image_gt_prediction/{sample['name']}", strip, step, dataformats="HWC")
-    writer.flush()
+def default_workers(device_type: str) -> int:
+    """Loader processes per rank when --workers is not given (the rule --help states)."""
+    if device_type != "cuda":
+        return 0
+    processes_per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    per_process = checks.usable_cpus() // processes_per_node
+    return max(1, min(MAX_DEFAULT_WORKERS, per_process - 1))  # one core stays with the training process
 
 
-# ----------------------------------------------------------------------------- main
+def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, data.DatasetInfo]:
+    """Fill the per-dataset defaults (docs/protocol.md §6) and check the invariants before anything runs."""
+    args = argparse.Namespace(**vars(args))  # the caller's namespace stays untouched
+    for dest, default in (("compile", None), ("overwrite", False), ("kill_at", None), ("accum_steps", 1)):
+        if not hasattr(args, dest):  # namespaces built before these flags existed
+            setattr(args, dest, default)
+    problems = given_value_problems(args)
+    if args.dataset is None:
+        if args.data_root is not None:
+            problems.append(f"--data-root {args.data_root} given without --dataset: name the data set "
+                            f"({', '.join(d for d in sorted(data.DATASET_NAMES) if d != 'synthetic')})")
+        args.dataset = "synthetic"
+    elif args.dataset == "synthetic" and args.data_root is not None:
+        problems.append("--dataset synthetic is generated on the fly and takes no --data-root")
+    if problems:
+        raise SystemExit("train.py: " + "; ".join(problems))
+    try:
+        info = data.dataset_info(args.dataset, args.data_root)  # folder: classes and splits from the root
+    except data.DatasetError as err:
+        raise SystemExit(f"train.py: {err}") from None
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.workers is None:
+        args.workers = default_workers(args.device)
+    if args.backbone is None:
+        args.backbone = "tiny" if args.dataset == "synthetic" else "resnet101"
+    if args.resume or args.init:
+        args.pretrained = "none"  # every weight comes from the checkpoint
+    elif args.pretrained is None:
+        args.pretrained = "none" if args.backbone == "tiny" else "imagenet"
+    if args.finetune:
+        if info.finetune_split is None:
+            raise SystemExit(f"train.py: --finetune: {args.dataset} has no second training stage")
+        for name, value in (("train_split", info.finetune_split), ("lr", info.finetune_lr),
+                            ("iters", info.finetune_iters)):
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+    for name in ("crop_size", "iters", "batch_size", "lr"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(info, name))
+    if args.train_split is None:
+        args.train_split = info.train_split
+    if args.loss_lambda is None:
+        args.loss_lambda = SMALL_LAMBDA_LOSSES.get(args.loss, info.loss_lambda)
+    if args.margin is None and args.loss in ("affinity", "aaf"):
+        args.margin = DEFAULT_MARGIN
+    if args.kernel_sizes is None:
+        args.kernel_sizes = {"affinity": [3], "aaf": list(info.kernel_sizes), "random": [5],
+                             "embedding": [3]}.get(args.loss, [])
+    args.kernel_sizes = [int(k) for k in args.kernel_sizes]
+    if args.save_every is None:
+        args.save_every = max(1, min(1000, args.iters // 10))
+    if args.out is None:
+        stage = "_finetune" if args.finetune else ""
+        args.out = str(Path(args.resume).parent) if args.resume else f"runs/{args.dataset}_{args.loss}{stage}"
+
+    stride = model_lib.OUTPUT_STRIDE
+    if args.crop_size <= 0 or args.crop_size % stride:
+        problems.append(f"--crop-size {args.crop_size} must be a positive multiple of the output stride {stride}")
+    if args.lr * args.head_lr_mult > torch.finfo(torch.float32).max:  # SGD applies it in float32
+        problems.append(f"--lr {args.lr:g} x --head-lr-mult {args.head_lr_mult:g} overflows float32")
+    if args.pretrained == "imagenet" and args.backbone not in model_lib.IMAGENET_WEIGHTS:
+        problems.append(f"--backbone {args.backbone} has no ImageNet weights: use --pretrained none "
+                        "or a state-dict file")
+    if any(k < 3 or k % 2 == 0 for k in args.kernel_sizes):
+        problems.append(f"--kernel-sizes {args.kernel_sizes}: each must be odd and >= 3 (k = 2s + 1)")
+    elif len(set(args.kernel_sizes)) != len(args.kernel_sizes):
+        problems.append(f"--kernel-sizes {args.kernel_sizes}: a size is listed twice")
+    elif args.crop_size > 0:
+        # A field of size k pairs logits s = (k - 1) / 2 apart: none exist when s reaches the side.
+        side = math.ceil(args.crop_size / stride)
+        far = [k for k in args.kernel_sizes if (k - 1) // 2 >= side]
+        if far:
+            problems.append(f"--kernel-sizes {far[0]} pairs logits {(far[0] - 1) // 2} apart, beyond the {side}x{side} "
+                            f"logits of a {args.crop_size}-px crop: its term would always be 0")
+    out_problem = checks.output_path_problem(args.out, "--out", folder=True) if args.out else None
+    if out_problem:  # an existing file, or a path below one
+        problems.append(out_problem)
+    if args.loss in ("random", "embedding") and len(args.kernel_sizes) != 1:
+        problems.append(f"--loss {args.loss} takes one kernel size, got {args.kernel_sizes}")
+    if args.loss in ("ce", "gan") and args.kernel_sizes:
+        problems.append(f"--loss {args.loss} has no field size; drop --kernel-sizes")
+    if args.loss == "gan" and args.accum_steps > 1:
+        problems.append(GAN_ACCUM_REFUSAL)
+    if args.resume and args.init:
+        problems.append("--resume and --init exclude each other (resume continues a run, init starts a new one)")
+    if args.finetune and not args.init and not args.resume:
+        problems.append("--finetune continues from a first-stage model: give it with --init")
+    if args.eval and info.val_split not in info.splits:  # a folder set without images/val: say so now
+        problems.append(f"{args.dataset} has no {info.val_split!r} split for the final evaluation "
+                        f"(splits: {', '.join(info.splits)}); add it or pass --no-eval")
+    if problems:
+        raise SystemExit("train.py: " + "; ".join(problems))
+    return args, info
+
 
 def main(args: argparse.Namespace) -> dict:
     """Train as `args` say; returns {"out", "step", "checkpoint", "miou"} (miou None without --eval).
@@ -1228,7 +1036,7 @@ def main(args: argparse.Namespace) -> dict:
     args, info = resolve_args(args)
     dist, device = distributed.setup_distributed(args.device)
     out = Path(args.out)
-    lock = RunLock(out) if dist.is_main else None  # rank 0 writes the folder, so rank 0 holds it
+    lock = runfolder.RunLock(out) if dist.is_main else None  # rank 0 writes the folder, so rank 0 holds it
     previous_handler = signal.signal(signal.SIGTERM, distributed.raise_terminated)
     try:
         return train(args, info, dist, device, lock)
@@ -1258,12 +1066,12 @@ def failure_line(err: BaseException, dist: distributed.Dist, out: Path) -> tuple
     torchrun peer; None for anything else (a bug keeps its traceback)."""
     rank = f"rank {dist.rank}: " if dist.enabled else ""
     # Stopped after this start wrote model.pt (in the final evaluation, say): nothing to resume.
-    kept = getattr(err, "finished_model", None) or kept_checkpoint(out)
+    kept = getattr(err, "finished_model", None) or runfolder.kept_checkpoint(out)
     if isinstance(err, UnreadableSample):  # met by the one rank that loaded the sample
         return f"train.py: {rank}{err}", True
     if isinstance(err, (data.DatasetError, checkpoint.WeightsError)):  # data root or file, weights, checkpoint
         return f"train.py: {err}", False
-    if isinstance(err, NonFiniteError):  # raised on every rank at the same check (FiniteGuard reduces first)
+    if isinstance(err, finite.NonFiniteError):  # raised on every rank at the same check (finite.FiniteGuard reduces first)
         return f"train.py: {err}", False
     if isinstance(err, checkpoint.WriteError):  # a full disk while writing a checkpoint or the log
         return f"train.py: {rank}{err}; {kept}", True
@@ -1277,176 +1085,6 @@ def failure_line(err: BaseException, dist: distributed.Dist, out: Path) -> tuple
         return (f"train.py: rank {dist.rank}: lost contact with another process of the job (it crashed "
                 f"or was killed; see its own message); {kept}"), True
     return None
-
-
-def kept_checkpoint(out: Path, resumable: bool = True) -> str:
-    """Where the run can be continued from, for the line a stopped run ends with."""
-    last = out / "last.pt"
-    if not last.exists():
-        return "no checkpoint was written yet"
-    step = checkpoint_step(last)
-    if step is None:
-        return f"{last} is unreadable"
-    hint = f"; continue with --resume {last}" if resumable else ""
-    return f"the last good checkpoint is {last} (step {step}{hint})"
-
-
-def train(args: argparse.Namespace, info: data.DatasetInfo, dist: distributed.Dist, device: torch.device,
-          lock: RunLock | None = None) -> dict:
-    if args.amp and device.type != "cuda" and dist.is_main:
-        print("train.py: --amp is bf16 autocast on GPU; running in float32 on CPU", file=sys.stderr)
-    if args.batch_size % dist.world_size:
-        raise SystemExit(f"train.py: --batch-size {args.batch_size} (global) is not divisible by the "
-                         f"{dist.world_size} processes")
-    local_batch = args.batch_size // dist.world_size
-    if local_batch % args.accum_steps:
-        share = f" ({local_batch} per process on {dist.world_size})" if dist.enabled else ""
-        raise SystemExit(f"train.py: --batch-size {args.batch_size}{share} does not split into "
-                         f"--accum-steps {args.accum_steps} equal micro-batches")
-    # PSPNet's 1x1 pyramid bin is BatchNorm over one value per image: it needs two images per
-    # BN call, i.e. per process and micro-batch unless SyncBatchNorm (GPU) pools the micro-batches
-    # of every process.
-    bn_batch = (args.batch_size if device.type == "cuda" else local_batch) // args.accum_steps
-    if args.arch == "pspnet" and bn_batch < 2:
-        per = "micro-batch" if args.accum_steps > 1 else "batch"
-        if dist.enabled:
-            per += " over all processes (SyncBatchNorm)" if device.type == "cuda" else " per process"
-        raise SystemExit(f"train.py: PSPNet's BatchNorm needs at least 2 images per {per} "
-                         f"(--batch-size {args.batch_size}"
-                         f"{f' in {args.accum_steps} micro-batches' if args.accum_steps > 1 else ''} "
-                         f"on {dist.world_size} {device.type} process(es))")
-    out = Path(args.out)
-    # Never destroy a run: rank 0, holding the folder's lock, looks at the folder; every rank
-    # follows its verdict.
-    verdict = ((lock.refusal if lock is not None else None) or check_run_folder(args, out)) if dist.is_main else None
-    refusal = distributed.rank0_decides(verdict, dist, device)
-    if refusal:
-        raise SystemExit(refusal if dist.is_main else 1)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed crop size: pick the fastest kernels once
-    log_path = out / "log.jsonl"
-    torch.manual_seed(args.seed)  # identical initialisation on every rank
-    np.random.seed(args.seed)
-    random.seed(args.seed)
-
-    # Layout errors from data.py surface here, before the model is built.
-    train_set = data.build_dataset(args.dataset, args.data_root, args.train_split, train=True,
-                                   crop_size=args.crop_size, scale_range=info.scale_range, seed=args.seed,
-                                   length=args.train_length)
-    resume = load_for_training(args.resume, info) if args.resume else None
-    if resume is not None:
-        check_resume_args(args, resume, dist.world_size, dist.is_main, train_size=len(train_set))
-    init = load_for_training(args.init, info) if args.init else None
-    try:
-        parts = build_parts(args, info, device, dist, init=init)
-    except model_lib.ImageNetWeightsMissing as err:  # worded for this script's flag
-        raise SystemExit(f"train.py: {err.remedy('--pretrained <file>, or --pretrained none')}") from None
-    start = restore(parts, resume, args, device) if resume is not None else 0
-    if dist.is_main:
-        prepare_run_folder(args, out, start, dist.world_size)
-        print(f"train.py: {args.dataset} ({len(train_set)} {args.train_split} images), {args.arch}-"
-              f"{args.backbone}, loss {args.loss} (lambda {args.loss_lambda}, decay {args.decay}), "
-              f"{args.iters} iterations of {args.batch_size} crops {args.crop_size}px"
-              f"{f' in {args.accum_steps} micro-batches' if args.accum_steps > 1 else ''} on "
-              f"{dist.world_size} x {device}, {args.workers} loader workers"
-              f"{', compiled' if args.compile else ''}, from step {start} -> {out}", flush=True)
-    writer = open_tensorboard(out, start) if args.tensorboard and dist.is_main else None  # beside log.jsonl
-
-    parts.model.train()
-    batches = training_batches(train_set, args, dist, start, pin_memory=device.type == "cuda")
-    end = args.iters if args.stop_after is None else min(args.iters, args.stop_after)
-    kill_rank, kill_step = (int(v) for v in args.kill_at.split(":")) if args.kill_at else (-1, -1)
-    guard = FiniteGuard(device)
-
-    def stop_if_not_finite() -> None:
-        """The check point of FiniteGuard: every rank calls it at the same iterations."""
-        problem = guard.check(parts, dist)
-        if problem is not None:
-            raise NonFiniteError(f"{problem}; stopping, nothing non-finite was saved ({kept_checkpoint(out, resumable=False)})")
-
-    tic, tic_step = time.perf_counter(), start
-    for step in range(start, end):
-        if dist.rank == kill_rank and step == kill_step:
-            os.kill(os.getpid(), signal.SIGKILL)
-        images, labels = batch_to_device(next(batches), device)
-        train_step(parts, images, labels, step, args, dist, guard)
-        done = step + 1
-        if done % args.log_every == 0 or done == end:
-            stop_if_not_finite()  # reads the device flags: the one synchronisation per log interval
-            averages = guard.take_averages(dist)
-            if dist.is_main:
-                elapsed = time.perf_counter() - tic
-                record = {"step": done, "iters": args.iters, "loss": averages,
-                          "lr": poly_lr(args.lr, step, args.iters),
-                          "images_per_s": (done - tic_step) * args.batch_size / elapsed,
-                          "eta_s": elapsed / (done - tic_step) * (args.iters - done)}
-                if args.loss == "aaf":
-                    record["kernel_sizes"] = kernel_sizes_per_class(parts)
-                log_progress(record, log_path, info)
-                tensorboard_record(writer, record, info)
-            tic, tic_step = time.perf_counter(), done
-        if done % args.save_every == 0 and done < args.iters:
-            stop_if_not_finite()
-            if dist.is_main:
-                checkpoint.save_checkpoint(training_state(parts, args, info, done, device, dist.world_size, len(train_set)),
-                                          out / "last.pt")
-
-    batches.close()  # ends the loader and its worker processes; the last iteration was checked (logged)
-    if args.dump_rank_state:
-        dump_rank_state(parts, out, dist)
-    if end < args.iters:  # --stop-after: leave the folder as a kill would
-        if writer is not None:
-            writer.close()
-        return {"out": str(out), "step": end, "checkpoint": None, "miou": None}
-    final = out / "model.pt"
-    if dist.is_main:  # the last log line above already showed the AAF field sizes
-        checkpoint.save_checkpoint(training_state(parts, args, info, end, device, dist.world_size, len(train_set)), final)
-        print(f"train.py: wrote {final} (step {end})", flush=True)  # before the evaluation, which may fail
-    root = f" --data-root {args.data_root}" if args.data_root else ""
-    score_cmd = f"python evaluate.py --ckpt {final} --metric all{root}"
-    try:
-        # Evaluation runs on rank 0 alone after the group is gone, so no collective can time out.
-        distributed.cleanup_distributed()
-        miou = evaluate_after_training(parts.model_without_ddp, args, info, device, log_path, writer) \
-            if dist.is_main and args.eval else None
-    except BaseException as err:  # e.g. Ctrl-C in the evaluation: the run itself is complete
-        if dist.is_main:  # the rank that wrote model.pt (the others do not wait for the write)
-            err.finished_model = (f"the training had finished: {final} (step {end}) is complete; "
-                                  f"score it with {score_cmd}")
-        raise
-    if writer is not None:
-        writer.close()
-    if dist.is_main:
-        print(f"  evaluate it with: {score_cmd}", flush=True)
-        if args.loss == "aaf":
-            print(f"  learned field sizes (Fig. 3): python evaluate.py --ckpt {final} --metric kernels", flush=True)
-    return {"out": str(out), "step": end, "checkpoint": str(final), "miou": miou}
-
-
-def dump_rank_state(parts: Parts, out: Path, dist: distributed.Dist) -> None:
-    """Testing hook: this rank's trainable parameters, to check that all ranks agree."""
-    if dist.enabled:
-        torch_dist.barrier()  # rank 0 may still be creating `out`
-    state = {f"model.{k}": v.detach().cpu() for k, v in parts.model_without_ddp.named_parameters()}
-    if parts.projection is not None:
-        state.update({f"projection.{k}": v.detach().cpu() for k, v in parts.projection.state_dict().items()})
-    torch.save(state, out / f"rank{dist.rank}.pt")
-
-
-def evaluate_after_training(net: nn.Module, args: argparse.Namespace, info: data.DatasetInfo,
-                            device: torch.device, log_path: Path, writer=None) -> float:
-    """Single-scale mIoU on the validation split (the full protocol is evaluate.py's job); with a
-    TensorBoard writer also val/miou and a few predictions."""
-    val_set = data.build_dataset(args.dataset, args.data_root, info.val_split, train=False)
-    results = evaluate.evaluate_model(net, val_set, args.dataset, metrics=("miou",), crop_size=info.eval_crop,
-                                      stride=info.eval_stride, device=device, progress=False)
-    miou = float(results["miou"])
-    print(f"train.py: {info.val_split} mIoU {100 * miou:.2f} (single scale, {len(val_set)} images)", flush=True)
-    append_line(log_path, json.dumps({"eval": info.val_split, "miou": miou}))
-    if writer is not None:
-        writer.add_scalar(f"{info.val_split}/miou", miou, args.iters)
-        tensorboard_predictions(writer, net, val_set, info, args.iters, device)
-    return miou
 
 
 if __name__ == "__main__":
