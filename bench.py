@@ -263,7 +263,7 @@ def bench_train(args: argparse.Namespace) -> None:
     dataset = data.build_dataset("synthetic", None, "train", train=True, crop_size=step_args.crop_size)
     dataset.set_epoch(0)
     samples = [dataset[i] for i in range(step_args.batch_size)]
-    batch = train.batch_to_device({"image": torch.stack([s["image"] for s in samples]),
+    batch = data.batch_to_device({"image": torch.stack([s["image"] for s in samples]),
                                    "label": torch.stack([s["label"] for s in samples])}, device)
 
     for parts, step_args in runs.values():
@@ -560,7 +560,7 @@ def write_cityscapes_fixture(root, pairs: int) -> None:
 
 
 def bench_data(args: argparse.Namespace) -> None:
-    """images/s of train.py's own training loader (train.training_batches: read + decode, the
+    """images/s of train.py's own training loader (data.training_batches: read + decode, the
     random scale / mirror / crop of the recipe, collate) for each data set at its training crop,
     batch 8, with 0 workers (loading in the training process) and with the default number of a
     GPU run (or --workers). Each setting: the first batch (worker start-up included) apart, then
@@ -579,7 +579,7 @@ def bench_data(args: argparse.Namespace) -> None:
     import distributed
     import train
 
-    workers = args.workers if args.workers is not None else sorted({0, train.default_workers("cuda")})
+    workers = args.workers if args.workers is not None else sorted({0, data.default_workers("cuda")})
     tmp = tempfile.TemporaryDirectory(prefix="bench_data_")
     if args.fixture_pairs < 8:
         raise SystemExit("bench.py: --fixture-pairs must be >= 8 (one batch of 8 without repeats)")
@@ -614,7 +614,7 @@ def bench_data(args: argparse.Namespace) -> None:
                 dataset = data.build_dataset(name, root, run_args.train_split, train=True, crop_size=crop,
                                              scale_range=info.scale_range, seed=0)
                 start = time.perf_counter()
-                batches = train.training_batches(dataset, run_args, distributed.Dist(), 0, pin_memory=False)
+                batches = data.training_batches(dataset, run_args, distributed.Dist(), 0, pin_memory=False)
                 next(batches)
                 first = time.perf_counter() - start
                 rates = []

@@ -36,23 +36,27 @@ process's `torch.manual_seed`, so runs are still reproducible for a fixed worker
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
+import checks
+import distributed
 import synthetic  # the street-scene generator behind the default data set
 
 IGNORE_INDEX = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB in [0, 1], what torchvision's ResNets expect
 IMAGENET_STD = (0.229, 0.224, 0.225)
 VOID_COLOUR = (224, 224, 192)  # VOC's colour for index 255; used for every ignored pixel
+MAX_DEFAULT_WORKERS = 16  # loader processes per rank at most: beyond this, more mostly add memory (prefetch queues)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 
 
@@ -1084,3 +1088,119 @@ def build_dataset(
         instance_void=0 if name == "cityscapes" else IGNORE_INDEX,
         codec=codec,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. The training stream: each rank's share of the crops, in an order a resume can repeat
+# ---------------------------------------------------------------------------------------------
+
+
+class EpochSampler(Sampler):
+    """Endless (epoch, index) pairs of this rank, starting at iteration `start_step`.
+
+    Each epoch is a DistributedSampler permutation (set_epoch) cut to whole local batches, so that
+    iteration t is batch t mod n of epoch t div n: a resumed run skips the consumed batches of its
+    epoch without loading them. The epoch travels with every index to the data set's workers
+    (`EpochDataset`), so one DataLoader with persistent workers serves the whole run.
+    """
+
+    def __init__(self, dataset_size: int, local_batch: int, dist: distributed.Dist, seed: int, start_step: int):
+        self.local_batch = local_batch
+        self.sampler = DistributedSampler(range(dataset_size), num_replicas=dist.world_size, rank=dist.rank,
+                                          shuffle=True, seed=seed, drop_last=True)
+        self.per_epoch = len(self.sampler) // local_batch  # iterations per epoch
+        self.start_step = start_step
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, skip = divmod(self.start_step, self.per_epoch)
+        while True:
+            self.sampler.set_epoch(epoch)
+            indices = list(self.sampler)[skip * self.local_batch:self.per_epoch * self.local_batch]
+            yield from ((epoch, index) for index in indices)
+            epoch, skip = epoch + 1, 0
+
+
+class EpochDataset(Dataset):
+    """Item (epoch, index) of a training set: the sample of `index` with the augmentation of `epoch`.
+
+    data.py makes the augmentation a function of (seed, epoch, index) once set_epoch(epoch) is
+    called; here each worker's copy of the data set is told the epoch of every item it loads, so
+    results do not depend on the number of workers or on the workers outliving an epoch.
+    A data set error (a corrupt image) is handed back as {"error": message} instead of being
+    raised: raised in a worker, it would reach the training process as a 30-line traceback.
+    """
+
+    def __init__(self, dataset: SegmentationDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict:
+        epoch, index = item
+        self.dataset.set_epoch(epoch)
+        try:
+            return self.dataset[index]
+        except DatasetError as err:
+            return {"error": str(err)}
+
+
+class UnreadableSample(DatasetError):
+    """A training sample could not be read (raised on the rank whose loader met it)."""
+
+
+def collate_or_error(samples: list[dict]) -> dict:
+    """default_collate, or the first sample's {"error": message} when a sample could not be read."""
+    for sample in samples:
+        if "error" in sample:
+            return sample
+    return default_collate(samples)
+
+
+def training_batches(dataset: SegmentationDataset, args: argparse.Namespace, dist: distributed.Dist, start_step: int,
+                     pin_memory: bool) -> Iterator[dict]:
+    """Endless stream of this rank's batches, starting at iteration `start_step`.
+
+    One DataLoader for the whole run (its `args.workers` processes start once and prefetch two
+    batches each; pinned memory on GPU so the copies overlap compute). Iteration t is batch
+    t mod n of epoch t div n (`EpochSampler`) and the augmentation is a function of (seed,
+    epoch, index), so a resumed run sees exactly the crops an uninterrupted run would,
+    whatever the number of workers. Raises UnreadableSample (one line) for a corrupt sample.
+    """
+    local_batch = args.batch_size // dist.world_size
+    sampler = EpochSampler(len(dataset), local_batch, dist, args.seed, start_step)
+    if sampler.per_epoch == 0:
+        raise SystemExit(f"train.py: {len(dataset)} training samples cannot fill one global batch of "
+                         f"{args.batch_size}")
+    workers = args.workers
+    # Own generator: creating a loader must not consume the global RNG (it differs on resume).
+    loader = DataLoader(EpochDataset(dataset), batch_size=local_batch, sampler=sampler, num_workers=workers,
+                        collate_fn=collate_or_error, pin_memory=pin_memory, persistent_workers=workers > 0,
+                        prefetch_factor=2 if workers > 0 else None,
+                        generator=torch.Generator().manual_seed(args.seed))
+    batches = iter(loader)
+    try:
+        while True:
+            batch = next(batches)
+            if "error" in batch:
+                raise UnreadableSample(batch["error"])
+            yield batch
+    finally:
+        del batches  # shuts the worker processes down
+
+
+def batch_to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """images [B, 3, H, W] (channels-last on GPU, as the model) and labels [B, H, W] on `device`."""
+    images = batch["image"].to(device, non_blocking=True)
+    if device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, batch["label"].to(device, non_blocking=True)
+
+
+def default_workers(device_type: str) -> int:
+    """Loader processes per rank when --workers is not given (the rule --help states)."""
+    if device_type != "cuda":
+        return 0
+    processes_per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    per_process = checks.usable_cpus() // processes_per_node
+    return max(1, min(MAX_DEFAULT_WORKERS, per_process - 1))  # one core stays with the training process

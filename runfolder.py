@@ -8,19 +8,27 @@ TensorBoard events and the lock `.train.lock` that keeps a second train.py out w
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import random
 import shutil
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as torch_dist
 
 import checkpoint
 import checks
+import distributed
+import finite
 
+# Checkpoint key of the trained weights inside a projection loss (+ "_optimizer" for their SGD).
+ADVERSARY_KEYS = {"aaf": "aaf", "gan": "disc"}
 # Files written atomically into the run folder; a kill -9 mid-write leaves `.<name>.<random>.tmp`.
 ATOMIC_FILES = ("last.pt", "model.pt", "log.jsonl", "args.json")
 TENSORBOARD_DIR = "tensorboard"  # <out>/tensorboard: the events of --tensorboard
@@ -283,3 +291,131 @@ def tensorboard_record(writer, record: dict, info) -> None:
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             writer.add_scalar(key, value, step)
     writer.flush()  # a killed run keeps what it logged
+
+
+def failure_line(err: BaseException, dist: distributed.Dist, out: Path, input_errors: tuple[type, ...] = (),
+                 rank_errors: tuple[type, ...] = ()) -> tuple[str, bool] | None:
+    """(the one line a failed run ends with, whether every rank prints its own) for the project's
+    own input errors (`input_errors`: met alike by every rank, rank 0 speaks; `rank_errors`: met
+    by one rank, which names itself), a non-finite stop, a failed write (disk full), Ctrl-C,
+    SIGTERM and a lost torchrun peer; None for anything else (a bug keeps its traceback)."""
+    rank = f"rank {dist.rank}: " if dist.enabled else ""
+    # Stopped after this start wrote model.pt (in the final evaluation, say): nothing to resume.
+    kept = getattr(err, "finished_model", None) or kept_checkpoint(out)
+    if isinstance(err, rank_errors):  # e.g. a corrupt image, met by the one rank that loaded it
+        return f"train.py: {rank}{err}", True
+    if isinstance(err, input_errors):  # data root or file, weights, checkpoint
+        return f"train.py: {err}", False
+    if isinstance(err, finite.NonFiniteError):  # raised on every rank at the same check (FiniteGuard reduces first)
+        return f"train.py: {err}", False
+    if isinstance(err, checkpoint.WriteError):  # a full disk while writing a checkpoint or the log
+        return f"train.py: {rank}{err}; {kept}", True
+    if isinstance(err, KeyboardInterrupt):  # Ctrl-C: how most users stop a run; nothing is lost
+        return f"train.py: {rank}stopped by Ctrl-C; {kept}", True
+    if isinstance(err, distributed.Terminated):
+        return (f"train.py: {rank}stopped by SIGTERM"
+                + (" (torchrun stops the job when one of its processes fails)" if dist.enabled else "")
+                + f"; {kept}"), True
+    if isinstance(err, RuntimeError) and distributed.is_lost_peer(err, dist):
+        return (f"train.py: rank {dist.rank}: lost contact with another process of the job (it crashed "
+                f"or was killed; see its own message); {kept}"), True
+    return None
+
+
+def training_state(parts, args: argparse.Namespace, info, step: int,
+               device: torch.device, world_size: int, train_size: int | None = None) -> dict:
+    """The layout model.load_checkpoint reads, plain types only (weights_only=True loads it)."""
+    proj, key = parts.projection, ADVERSARY_KEYS.get(args.loss)
+    return {
+        "model": parts.model_without_ddp.state_dict(),
+        "meta": {**parts.model_without_ddp.meta, "num_classes": info.num_classes,
+                 "class_names": list(info.class_names), "dataset": args.dataset, "loss": args.loss,
+                 "palette": [list(colour) for colour in info.palette],  # a folder set's colours, for infer.py
+                 "kernel_sizes": list(args.kernel_sizes)},
+        "step": step,
+        "args": vars(args),
+        "world_size": world_size,
+        "train_size": train_size,  # a resume checks it: the data order depends on the set's size
+        "optimizer": parts.optimizer.state_dict(),
+        "aaf": proj.state_dict() if key == "aaf" else None,
+        "aaf_optimizer": parts.projection_optimizer.state_dict() if key == "aaf" else None,
+        "disc": proj.state_dict() if key == "disc" else None,
+        "disc_optimizer": parts.projection_optimizer.state_dict() if key == "disc" else None,
+        "rng": rng_state(device),
+    }
+
+
+def restore(parts, ckpt: dict, args: argparse.Namespace, device: torch.device) -> int:
+    """`--resume`: model, optimizers, AAF weights / discriminator and RNG; returns the next step."""
+    parts.model_without_ddp.load_state_dict(ckpt["model"])
+    parts.optimizer.load_state_dict(ckpt["optimizer"])
+    key = ADVERSARY_KEYS.get(args.loss)
+    if key is not None:
+        parts.projection.load_state_dict(ckpt[key])
+        parts.projection_optimizer.load_state_dict(ckpt[f"{key}_optimizer"])
+    # Every rank takes rank 0's generator states; training itself draws no random numbers
+    # (augmentation is seeded per sample), so this only matters for user extensions.
+    set_rng_state(ckpt["rng"], device)
+    return int(ckpt["step"])
+
+
+def log_progress(record: dict, log_path: Path, info) -> None:
+    """One progress line on stdout and the same record as a JSON line in log.jsonl."""
+    eta = datetime.timedelta(seconds=round(min(record["eta_s"], 1e9)))  # 1e9 s: ~31 years, timedelta's range
+    terms = " ".join(f"{k} {v:.4f}" for k, v in record["loss"].items())
+    print(f"step {record['step']}/{record['iters']} | {terms} | lr {record['lr']:.3g} | "
+          f"{record['images_per_s']:.1f} img/s | eta {eta}", flush=True)
+    if "kernel_sizes" in record:
+        print("  " + format_kernel_sizes(record["kernel_sizes"], info), flush=True)
+    append_line(log_path, json.dumps(record))
+
+
+def kernel_sizes_per_class(parts) -> dict[str, list[float]]:
+    """Paper Fig. 3: the AAF's current field size per class, sum_k w[c, k] * k."""
+    edge, nonedge = parts.projection.kernel_size_per_class()
+    return {"edge": [round(float(v), 3) for v in edge], "nonedge": [round(float(v), 3) for v in nonedge]}
+
+
+def format_kernel_sizes(sizes: dict[str, list[float]], info) -> str:
+    return "AAF field size per class (edge/non-edge): " + ", ".join(
+        f"{name} {e:.2f}/{n:.2f}" for name, e, n in zip(info.class_names, sizes["edge"], sizes["nonedge"]))
+
+
+def dump_rank_state(parts, out: Path, dist: distributed.Dist) -> None:
+    """Testing hook: this rank's trainable parameters, to check that all ranks agree."""
+    if dist.enabled:
+        torch_dist.barrier()  # rank 0 may still be creating `out`
+    state = {f"model.{k}": v.detach().cpu() for k, v in parts.model_without_ddp.named_parameters()}
+    if parts.projection is not None:
+        state.update({f"projection.{k}": v.detach().cpu() for k, v in parts.projection.state_dict().items()})
+    torch.save(state, out / f"rank{dist.rank}.pt")
+
+
+def run_with_one_line_stop(run: Callable[[RunLock | None], dict], dist: distributed.Dist, out: Path,
+                           input_errors: tuple[type, ...] = (), rank_errors: tuple[type, ...] = ()) -> dict:
+    """`run(lock)` holding the folder's lock (rank 0, which writes the folder), with SIGTERM raised
+    as distributed.Terminated; a stop for a reason `failure_line` knows ends in one line
+    (SystemExit), from rank 0 alone when every rank meets it alike; anything else (a bug) keeps its
+    traceback. The process group and the lock are released on every way out."""
+    lock = RunLock(out) if dist.is_main else None
+    previous_handler = signal.signal(signal.SIGTERM, distributed.raise_terminated)
+    try:
+        return run(lock)
+    except BaseException as err:
+        # From here on a SIGTERM (torchrun stopping the job after another rank died) must not cut
+        # the report short: composing it reads last.pt, which takes a moment.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        failure = failure_line(err, dist, out, input_errors, rank_errors)
+        if failure is None:  # a bug: the traceback stays
+            raise
+        message, every_rank = failure
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the exit below must not be interrupted
+        try:
+            distributed.cleanup_distributed()
+        except RuntimeError:  # the process group may be broken already
+            pass
+        if lock is not None:
+            lock.release()
+        signal.signal(signal.SIGTERM, previous_handler)
+    raise SystemExit(message if dist.is_main or every_rank else 1)

@@ -478,16 +478,16 @@ def test_data_root_needs_a_dataset_and_synthetic_takes_none(tmp_path):
 
 
 def test_default_workers_follow_the_cpus_of_each_process(monkeypatch):
-    monkeypatch.setattr(train.checks, "usable_cpus", lambda: 16)
+    monkeypatch.setattr(data.checks, "usable_cpus", lambda: 16)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert train.default_workers("cuda") == 3    # 16 CPUs / 4 processes, one left to the process itself
+    assert data.default_workers("cuda") == 3    # 16 CPUs / 4 processes, one left to the process itself
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert train.default_workers("cuda") == 15
-    monkeypatch.setattr(train.checks, "usable_cpus", lambda: 128)
-    assert train.default_workers("cuda") == train.MAX_DEFAULT_WORKERS
-    monkeypatch.setattr(train.checks, "usable_cpus", lambda: 1)
-    assert train.default_workers("cuda") == 1
-    assert train.default_workers("cpu") == 0
+    assert data.default_workers("cuda") == 15
+    monkeypatch.setattr(data.checks, "usable_cpus", lambda: 128)
+    assert data.default_workers("cuda") == data.MAX_DEFAULT_WORKERS
+    monkeypatch.setattr(data.checks, "usable_cpus", lambda: 1)
+    assert data.default_workers("cuda") == 1
+    assert data.default_workers("cpu") == 0
 
 
 def test_resume_refuses_a_changed_amp(tmp_path):
@@ -675,18 +675,18 @@ def test_logged_averages_are_the_means_of_the_step_values(tmp_path, monkeypatch)
 def test_one_loader_serves_every_epoch_with_the_crops_of_zero_workers(monkeypatch):
     dataset = data.build_dataset("synthetic", None, "train", train=True, crop_size=32, seed=0, length=6)
     made = []
-    real_loader = train.DataLoader
+    real_loader = data.DataLoader
 
     def counting_loader(*args, **kwargs):
         made.append(kwargs.get("num_workers"))
         return real_loader(*args, **kwargs)
 
-    monkeypatch.setattr(train, "DataLoader", counting_loader)
+    monkeypatch.setattr(data, "DataLoader", counting_loader)
     streams = {}
     for workers in (0, 2):
         args = train.resolve_args(train.get_args_parser().parse_args(
             ["--batch-size", "2", "--crop-size", "32", "--workers", str(workers)]))[0]
-        batches = train.training_batches(dataset, args, distributed.Dist(), 1, pin_memory=False)
+        batches = data.training_batches(dataset, args, distributed.Dist(), 1, pin_memory=False)
         streams[workers] = [next(batches) for _ in range(7)]  # from step 1: epochs 0, 1, 2, 3
         batches.close()
     assert made == [0, 2]  # one loader per run, not one per epoch
@@ -758,7 +758,7 @@ def test_compiled_steps_match_eager_closely():
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), name
     # The checkpoint holds the plain module's names (no torch.compile "_orig_mod." prefix).
     info = data.dataset_info("synthetic")
-    keys = train.training_state(compiled, compiled_args, info, 2, torch.device("cpu"), 1)["model"].keys()
+    keys = runfolder.training_state(compiled, compiled_args, info, 2, torch.device("cpu"), 1)["model"].keys()
     assert keys == eager.model.state_dict().keys()
 
 
@@ -793,7 +793,7 @@ def test_a_non_finite_value_on_one_rank_stops_every_rank_at_its_step(monkeypatch
         barrier.wait()
         tensor.copy_(result)
 
-    monkeypatch.setattr(train.torch_dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(finite.torch_dist, "all_reduce", all_reduce)
     parts, _ = build_for_steps("--crop-size", "48", "--batch-size", "2", "--loss", "ce")
     answers = {}
 

@@ -35,13 +35,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import math
 import os
 import random
 import signal
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -49,9 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 import checkpoint
 import checks
@@ -68,18 +64,12 @@ LOSSES = ("ce", "affinity", "aaf", "random", "gan", "embedding")
 # Projection losses whose paper weight is not the data set's affinity lambda (docs/protocol.md §4, §6).
 SMALL_LAMBDA_LOSSES = {"random": 0.01, "gan": 0.01}
 DEFAULT_MARGIN = 3.0  # docs/protocol.md §6: m = 3.0 everywhere
-# Checkpoint key of the trained weights inside a projection loss (+ "_optimizer" for their SGD).
-ADVERSARY_KEYS = {"aaf": "aaf", "gan": "disc"}
 # Why --loss gan cannot accumulate (resolve_args refuses it; train_step too, if called directly).
 GAN_ACCUM_REFUSAL = ("--loss gan cannot use --accum-steps > 1: its alternating step updates the discriminator "
                      "on the whole batch's predictions before the network is scored by the updated "
                      "discriminator, so every micro-batch's graph would have to be kept, which is the "
                      "memory accumulation saves")
 TENSORBOARD_IMAGES = 3  # validation images shown after an evaluation (--tensorboard)
-MAX_DEFAULT_WORKERS = 16  # beyond this, more loader processes mostly add memory (each holds a prefetch queue)
-
-
-# ----------------------------------------------------------------------------- schedules
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,7 +237,7 @@ def build_parts(args: argparse.Namespace, info: data.DatasetInfo, device: torch.
 def load_init_weights(model: nn.Module, projection: nn.Module | None, ckpt: dict, args: argparse.Namespace) -> None:
     """`--init`: network weights, and the AAF weights / discriminator when the checkpoint has them
     (the official scripts reset the AAF weights between VOC stages; we carry them over)."""
-    key = ADVERSARY_KEYS.get(args.loss)
+    key = runfolder.ADVERSARY_KEYS.get(args.loss)
     pieces = [(model, ckpt["model"], f"--arch {args.arch} --backbone {args.backbone}")]
     if key is not None and ckpt.get(key) is not None:
         pieces.append((projection, ckpt[key], f"--loss {args.loss} --kernel-sizes {args.kernel_sizes}"))
@@ -398,7 +388,7 @@ def train(args: argparse.Namespace, info: data.DatasetInfo, dist: distributed.Di
     for step in range(run.start, run.end):
         if dist.rank == kill_rank and step == kill_step:  # --kill-at: fault injection for the tests
             os.kill(os.getpid(), signal.SIGKILL)
-        images, labels = batch_to_device(next(run.batches), device)
+        images, labels = data.batch_to_device(next(run.batches), device)
         train_step(run.parts, images, labels, step, args, dist, run.guard)
         done = step + 1
         if done % args.log_every == 0 or done == run.end:
@@ -411,14 +401,14 @@ def train(args: argparse.Namespace, info: data.DatasetInfo, dist: distributed.Di
                           "images_per_s": (done - tic_step) * args.batch_size / elapsed,
                           "eta_s": elapsed / (done - tic_step) * (args.iters - done)}
                 if args.loss == "aaf":
-                    record["kernel_sizes"] = kernel_sizes_per_class(run.parts)  # paper Fig. 3 over training
-                log_progress(record, run.out / "log.jsonl", info)
+                    record["kernel_sizes"] = runfolder.kernel_sizes_per_class(run.parts)  # paper Fig. 3 over training
+                runfolder.log_progress(record, run.out / "log.jsonl", info)
                 runfolder.tensorboard_record(run.writer, record, info)
             tic, tic_step = time.perf_counter(), done
         if done % args.save_every == 0 and done < args.iters:
             stop_if_not_finite(run, dist)  # a checkpoint only ever holds finite values
             if dist.is_main:
-                checkpoint.save_checkpoint(training_state(run.parts, args, info, done, device, dist.world_size,
+                checkpoint.save_checkpoint(runfolder.training_state(run.parts, args, info, done, device, dist.world_size,
                                                           len(run.train_set)), run.out / "last.pt")
     run.batches.close()  # ends the loader and its worker processes; the last iteration was checked (logged)
     return finish_run(run, args, info, dist, device)
@@ -436,7 +426,7 @@ def start_run(args: argparse.Namespace, info: data.DatasetInfo, dist: distribute
               lock: runfolder.RunLock | None) -> Run:
     """Everything before the first iteration: the batch split, the run folder's verdict, seeds,
     the training set, --resume / --init, the network and optimizers, the log and the loader."""
-    check_batch_split(args, dist, device)
+    checks.check_batch_split(args, dist, device)
     out = Path(args.out)
     # Never destroy a run: rank 0, holding the folder's lock, looks at the folder; every rank
     # follows its verdict.
@@ -453,15 +443,16 @@ def start_run(args: argparse.Namespace, info: data.DatasetInfo, dist: distribute
     train_set = data.build_dataset(args.dataset, args.data_root, args.train_split, train=True,
                                    crop_size=args.crop_size, scale_range=info.scale_range, seed=args.seed,
                                    length=args.train_length)
-    resume = load_for_training(args.resume, info) if args.resume else None
+    # Checkpoints: model.load_checkpoint's errors (missing, corrupt, other classes) are one line (main).
+    resume = model_lib.load_checkpoint(args.resume, num_classes=info.num_classes)[1] if args.resume else None
     if resume is not None:
         runfolder.check_resume_args(args, resume, dist.world_size, dist.is_main, train_size=len(train_set))
-    init = load_for_training(args.init, info) if args.init else None
+    init = model_lib.load_checkpoint(args.init, num_classes=info.num_classes)[1] if args.init else None
     try:
         parts = build_parts(args, info, device, dist, init=init)
     except model_lib.ImageNetWeightsMissing as err:  # worded for this script's flag
         raise SystemExit(f"train.py: {err.remedy('--pretrained <file>, or --pretrained none')}") from None
-    start = restore(parts, resume, args, device) if resume is not None else 0
+    start = runfolder.restore(parts, resume, args, device) if resume is not None else 0
     if dist.is_main:
         runfolder.prepare_run_folder(args, out, start, dist.world_size)
         print(f"train.py: {args.dataset} ({len(train_set)} {args.train_split} images), {args.arch}-"
@@ -472,36 +463,9 @@ def start_run(args: argparse.Namespace, info: data.DatasetInfo, dist: distribute
               f"{', compiled' if args.compile else ''}, from step {start} -> {out}", flush=True)
     writer = runfolder.open_tensorboard(out, start) if args.tensorboard and dist.is_main else None  # beside log.jsonl
     parts.model.train()
-    batches = training_batches(train_set, args, dist, start, pin_memory=device.type == "cuda")
+    batches = data.training_batches(train_set, args, dist, start, pin_memory=device.type == "cuda")
     end = args.iters if args.stop_after is None else min(args.iters, args.stop_after)
     return Run(parts, train_set, batches, out, start, end, finite.FiniteGuard(device), writer)
-
-
-def check_batch_split(args: argparse.Namespace, dist: distributed.Dist, device: torch.device) -> None:
-    """The global batch must split evenly over processes and micro-batches, and PSPNet's pyramid
-    BatchNorm needs two images per BN call."""
-    if args.amp and device.type != "cuda" and dist.is_main:
-        print("train.py: --amp is bf16 autocast on GPU; running in float32 on CPU", file=sys.stderr)
-    if args.batch_size % dist.world_size:
-        raise SystemExit(f"train.py: --batch-size {args.batch_size} (global) is not divisible by the "
-                         f"{dist.world_size} processes")
-    local_batch = args.batch_size // dist.world_size
-    if local_batch % args.accum_steps:
-        share = f" ({local_batch} per process on {dist.world_size})" if dist.enabled else ""
-        raise SystemExit(f"train.py: --batch-size {args.batch_size}{share} does not split into "
-                         f"--accum-steps {args.accum_steps} equal micro-batches")
-    # PSPNet's 1x1 pyramid bin is BatchNorm over one value per image: it needs two images per
-    # BN call, i.e. per process and micro-batch unless SyncBatchNorm (GPU) pools the micro-batches
-    # of every process.
-    bn_batch = (args.batch_size if device.type == "cuda" else local_batch) // args.accum_steps
-    if args.arch == "pspnet" and bn_batch < 2:
-        per = "micro-batch" if args.accum_steps > 1 else "batch"
-        if dist.enabled:
-            per += " over all processes (SyncBatchNorm)" if device.type == "cuda" else " per process"
-        raise SystemExit(f"train.py: PSPNet's BatchNorm needs at least 2 images per {per} "
-                         f"(--batch-size {args.batch_size}"
-                         f"{f' in {args.accum_steps} micro-batches' if args.accum_steps > 1 else ''} "
-                         f"on {dist.world_size} {device.type} process(es))")
 
 
 def finish_run(run: Run, args: argparse.Namespace, info: data.DatasetInfo, dist: distributed.Dist,
@@ -510,14 +474,14 @@ def finish_run(run: Run, args: argparse.Namespace, info: data.DatasetInfo, dist:
     "checkpoint", "miou"}. --stop-after leaves the folder as a kill would (no model.pt)."""
     out, end, parts = run.out, run.end, run.parts
     if args.dump_rank_state:
-        dump_rank_state(parts, out, dist)
+        runfolder.dump_rank_state(parts, out, dist)
     if end < args.iters:
         if run.writer is not None:
             run.writer.close()
         return {"out": str(out), "step": end, "checkpoint": None, "miou": None}
     final = out / "model.pt"
     if dist.is_main:  # the last log line above already showed the AAF field sizes
-        checkpoint.save_checkpoint(training_state(parts, args, info, end, device, dist.world_size,
+        checkpoint.save_checkpoint(runfolder.training_state(parts, args, info, end, device, dist.world_size,
                                                   len(run.train_set)), final)
         print(f"train.py: wrote {final} (step {end})", flush=True)  # before the evaluation, which may fail
     root = f" --data-root {args.data_root}" if args.data_root else ""
@@ -539,28 +503,6 @@ def finish_run(run: Run, args: argparse.Namespace, info: data.DatasetInfo, dist:
         if args.loss == "aaf":
             print(f"  learned field sizes (Fig. 3): python evaluate.py --ckpt {final} --metric kernels", flush=True)
     return {"out": str(out), "step": end, "checkpoint": str(final), "miou": miou}
-
-
-def log_progress(record: dict, log_path: Path, info: data.DatasetInfo) -> None:
-    """One progress line on stdout and the same record as a JSON line in log.jsonl."""
-    eta = datetime.timedelta(seconds=round(min(record["eta_s"], 1e9)))  # 1e9 s: ~31 years, timedelta's range
-    terms = " ".join(f"{k} {v:.4f}" for k, v in record["loss"].items())
-    print(f"step {record['step']}/{record['iters']} | {terms} | lr {record['lr']:.3g} | "
-          f"{record['images_per_s']:.1f} img/s | eta {eta}", flush=True)
-    if "kernel_sizes" in record:
-        print("  " + format_kernel_sizes(record["kernel_sizes"], info), flush=True)
-    runfolder.append_line(log_path, json.dumps(record))
-
-
-def kernel_sizes_per_class(parts: Parts) -> dict[str, list[float]]:
-    """Paper Fig. 3: the AAF's current field size per class, sum_k w[c, k] * k."""
-    edge, nonedge = parts.projection.kernel_size_per_class()
-    return {"edge": [round(float(v), 3) for v in edge], "nonedge": [round(float(v), 3) for v in nonedge]}
-
-
-def format_kernel_sizes(sizes: dict[str, list[float]], info: data.DatasetInfo) -> str:
-    return "AAF field size per class (edge/non-edge): " + ", ".join(
-        f"{name} {e:.2f}/{n:.2f}" for name, e, n in zip(info.class_names, sizes["edge"], sizes["nonedge"]))
 
 
 def evaluate_after_training(net: nn.Module, args: argparse.Namespace, info: data.DatasetInfo,
@@ -596,172 +538,8 @@ def tensorboard_predictions(writer, net: nn.Module, val_set, info: data.DatasetI
     writer.flush()
 
 
-def dump_rank_state(parts: Parts, out: Path, dist: distributed.Dist) -> None:
-    """Testing hook: this rank's trainable parameters, to check that all ranks agree."""
-    if dist.enabled:
-        torch_dist.barrier()  # rank 0 may still be creating `out`
-    state = {f"model.{k}": v.detach().cpu() for k, v in parts.model_without_ddp.named_parameters()}
-    if parts.projection is not None:
-        state.update({f"projection.{k}": v.detach().cpu() for k, v in parts.projection.state_dict().items()})
-    torch.save(state, out / f"rank{dist.rank}.pt")
-
-
 # ---------------------------------------------------------------------------------------------
-# 5. What a checkpoint holds; --resume and --init
-# ---------------------------------------------------------------------------------------------
-
-def training_state(parts: Parts, args: argparse.Namespace, info: data.DatasetInfo, step: int,
-               device: torch.device, world_size: int, train_size: int | None = None) -> dict:
-    """The layout model.load_checkpoint reads, plain types only (weights_only=True loads it)."""
-    proj, key = parts.projection, ADVERSARY_KEYS.get(args.loss)
-    return {
-        "model": parts.model_without_ddp.state_dict(),
-        "meta": {**parts.model_without_ddp.meta, "num_classes": info.num_classes,
-                 "class_names": list(info.class_names), "dataset": args.dataset, "loss": args.loss,
-                 "palette": [list(colour) for colour in info.palette],  # a folder set's colours, for infer.py
-                 "kernel_sizes": list(args.kernel_sizes)},
-        "step": step,
-        "args": vars(args),
-        "world_size": world_size,
-        "train_size": train_size,  # a resume checks it: the data order depends on the set's size
-        "optimizer": parts.optimizer.state_dict(),
-        "aaf": proj.state_dict() if key == "aaf" else None,
-        "aaf_optimizer": parts.projection_optimizer.state_dict() if key == "aaf" else None,
-        "disc": proj.state_dict() if key == "disc" else None,
-        "disc_optimizer": parts.projection_optimizer.state_dict() if key == "disc" else None,
-        "rng": runfolder.rng_state(device),
-    }
-
-
-def restore(parts: Parts, ckpt: dict, args: argparse.Namespace, device: torch.device) -> int:
-    """`--resume`: model, optimizers, AAF weights / discriminator and RNG; returns the next step."""
-    parts.model_without_ddp.load_state_dict(ckpt["model"])
-    parts.optimizer.load_state_dict(ckpt["optimizer"])
-    key = ADVERSARY_KEYS.get(args.loss)
-    if key is not None:
-        parts.projection.load_state_dict(ckpt[key])
-        parts.projection_optimizer.load_state_dict(ckpt[f"{key}_optimizer"])
-    # Every rank takes rank 0's generator states; training itself draws no random numbers
-    # (augmentation is seeded per sample), so this only matters for user extensions.
-    runfolder.set_rng_state(ckpt["rng"], device)
-    return int(ckpt["step"])
-
-
-def load_for_training(path: str, info: data.DatasetInfo) -> dict:
-    """A checkpoint's dict; load_checkpoint's one-line errors (missing, corrupt, classes) are
-    model.WeightsError, which main() turns into one line."""
-    _, ckpt = model_lib.load_checkpoint(path, num_classes=info.num_classes)
-    return ckpt
-
-
-# ---------------------------------------------------------------------------------------------
-# 6. The training stream: each rank's share of the crops, in a resumable order
-# ---------------------------------------------------------------------------------------------
-
-class EpochSampler(Sampler):
-    """Endless (epoch, index) pairs of this rank, starting at iteration `start_step`.
-
-    Each epoch is a DistributedSampler permutation (set_epoch) cut to whole local batches, so that
-    iteration t is batch t mod n of epoch t div n: a resumed run skips the consumed batches of its
-    epoch without loading them. The epoch travels with every index to the data set's workers
-    (`EpochDataset`), so one DataLoader with persistent workers serves the whole run.
-    """
-
-    def __init__(self, dataset_size: int, local_batch: int, dist: distributed.Dist, seed: int, start_step: int):
-        self.local_batch = local_batch
-        self.sampler = DistributedSampler(range(dataset_size), num_replicas=dist.world_size, rank=dist.rank,
-                                          shuffle=True, seed=seed, drop_last=True)
-        self.per_epoch = len(self.sampler) // local_batch  # iterations per epoch
-        self.start_step = start_step
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch, skip = divmod(self.start_step, self.per_epoch)
-        while True:
-            self.sampler.set_epoch(epoch)
-            indices = list(self.sampler)[skip * self.local_batch:self.per_epoch * self.local_batch]
-            yield from ((epoch, index) for index in indices)
-            epoch, skip = epoch + 1, 0
-
-
-class EpochDataset(Dataset):
-    """Item (epoch, index) of a training set: the sample of `index` with the augmentation of `epoch`.
-
-    data.py makes the augmentation a function of (seed, epoch, index) once set_epoch(epoch) is
-    called; here each worker's copy of the data set is told the epoch of every item it loads, so
-    results do not depend on the number of workers or on the workers outliving an epoch.
-    A data set error (a corrupt image) is handed back as {"error": message} instead of being
-    raised: raised in a worker, it would reach the training process as a 30-line traceback.
-    """
-
-    def __init__(self, dataset: data.SegmentationDataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, item: tuple[int, int]) -> dict:
-        epoch, index = item
-        self.dataset.set_epoch(epoch)
-        try:
-            return self.dataset[index]
-        except data.DatasetError as err:
-            return {"error": str(err)}
-
-
-class UnreadableSample(data.DatasetError):
-    """A training sample could not be read (raised on the rank whose loader met it)."""
-
-
-def collate_or_error(samples: list[dict]) -> dict:
-    """default_collate, or the first sample's {"error": message} when a sample could not be read."""
-    for sample in samples:
-        if "error" in sample:
-            return sample
-    return default_collate(samples)
-
-
-def training_batches(dataset: data.SegmentationDataset, args: argparse.Namespace, dist: distributed.Dist, start_step: int,
-                     pin_memory: bool) -> Iterator[dict]:
-    """Endless stream of this rank's batches, starting at iteration `start_step`.
-
-    One DataLoader for the whole run (its `args.workers` processes start once and prefetch two
-    batches each; pinned memory on GPU so the copies overlap compute). Iteration t is batch
-    t mod n of epoch t div n (`EpochSampler`) and the augmentation is a function of (seed,
-    epoch, index), so a resumed run sees exactly the crops an uninterrupted run would,
-    whatever the number of workers. Raises UnreadableSample (one line) for a corrupt sample.
-    """
-    local_batch = args.batch_size // dist.world_size
-    sampler = EpochSampler(len(dataset), local_batch, dist, args.seed, start_step)
-    if sampler.per_epoch == 0:
-        raise SystemExit(f"train.py: {len(dataset)} training samples cannot fill one global batch of "
-                         f"{args.batch_size}")
-    workers = args.workers
-    # Own generator: creating a loader must not consume the global RNG (it differs on resume).
-    loader = DataLoader(EpochDataset(dataset), batch_size=local_batch, sampler=sampler, num_workers=workers,
-                        collate_fn=collate_or_error, pin_memory=pin_memory, persistent_workers=workers > 0,
-                        prefetch_factor=2 if workers > 0 else None,
-                        generator=torch.Generator().manual_seed(args.seed))
-    batches = iter(loader)
-    try:
-        while True:
-            batch = next(batches)
-            if "error" in batch:
-                raise UnreadableSample(batch["error"])
-            yield batch
-    finally:
-        del batches  # shuts the worker processes down
-
-
-def batch_to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """images [B, 3, H, W] (channels-last on GPU, as the model) and labels [B, H, W] on `device`."""
-    images = batch["image"].to(device, non_blocking=True)
-    if device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images, batch["label"].to(device, non_blocking=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# 7. Command line
+# 5. Command line
 # ---------------------------------------------------------------------------------------------
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -769,6 +547,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Flags left at 'dataset default' take the paper's value for --dataset "
                "(data.py's DatasetInfo; docs/protocol.md §6).")
+    for add_flags in (add_data_flags, add_model_flags, add_loss_flags, add_optimisation_flags, add_run_flags,
+                      add_testing_flags):
+        add_flags(parser)
+    return parser
+
+
+def add_data_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default=None, choices=sorted(data.DATASET_NAMES),
                    help="data set (default: synthetic, generated on the fly, no download; name it whenever "
@@ -787,9 +572,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=None,
                    help="data loading processes per rank, >= 0; they live for the whole run and "
                         "prefetch 2 batches each (default on GPU: the CPUs this process may use, i.e. its "
-                        f"affinity mask divided by the processes per node, minus 1, at most {MAX_DEFAULT_WORKERS}; "
+                        f"affinity mask divided by the processes per node, minus 1, at most {data.MAX_DEFAULT_WORKERS}; "
                         "on CPU: 0, since workers would take cores from the model's threads)")
 
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--arch", default="pspnet", choices=model_lib.ARCHS, help="segmentation head (default: pspnet)")
     g.add_argument("--backbone", default=None, choices=model_lib.BACKBONES,
@@ -799,6 +586,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "a state-dict path, or none (default: imagenet for ResNets, none for tiny; "
                         "unused with --init / --resume)")
 
+
+def add_loss_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("loss")
     g.add_argument("--loss", default="aaf", choices=LOSSES,
                    help="projection added to cross-entropy: ce (none), affinity (Eq. 7), aaf (Eqs. 8-10), "
@@ -814,6 +603,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--decay", action=argparse.BooleanOptionalAction, default=True,
                    help="multiply the projection term by 10^(-t/T) as the official code does (default: on)")
 
+
+def add_optimisation_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("optimisation")
     g.add_argument("--iters", type=int, default=None,
                    help=f"training iterations (dataset default: {data.per_dataset_text('iters')}; VOC stage 2: 30000)")
@@ -835,6 +626,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=5e-4,
                    help="weight decay on conv weights only (default: 5e-4)")
 
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     g.add_argument("--amp", action="store_true", help="bf16 autocast on GPU (ignored on CPU)")
@@ -872,6 +665,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "when it evaluates, validation images | ground truth | prediction as TensorBoard events "
                         "in <out>/tensorboard (needs: pip install tensorboard; default: off)")
 
+
+def add_testing_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("testing hooks")
     g.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop after N iterations without writing model.pt, as if the run were killed")
@@ -879,55 +674,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="every rank writes its parameters to <out>/rank<R>.pt at the end (consistency check)")
     g.add_argument("--kill-at", default=None, metavar="RANK:STEP",
                    help="process RANK sends itself SIGKILL before iteration STEP (fault injection)")
-    return parser
-
-
-def given_value_problems(args: argparse.Namespace) -> list[str]:
-    """Every value the user gave that is out of range, checked BEFORE defaults are filled in, so
-    that no given value is ever silently replaced by a default (e.g. --train-length 0)."""
-    problems = []
-    for dest in ("train_length", "iters", "batch_size", "accum_steps", "save_every", "log_every", "stop_after"):
-        value = getattr(args, dest, None)
-        if value is not None and value < 1:
-            problems.append(f"{checks.flag_name(dest)} {value} must be >= 1")
-    if getattr(args, "workers", None) is not None and args.workers < 0:
-        problems.append(f"--workers {args.workers} must be >= 0 (0 loads the data in the training process)")
-    # Floats: argparse's float() takes "nan" and "inf"; none of these settings has a meaning for them.
-    ranges = {"lr": (0.0, None), "loss_lambda": (0.0, None), "margin": (0.0, None), "head_lr_mult": (0.0, None),
-              "weight_decay": (0.0, None), "momentum": (0.0, 1.0)}
-    for dest, (low, high) in ranges.items():
-        value = getattr(args, dest, None)
-        if value is None:
-            continue
-        if not math.isfinite(value):
-            problems.append(f"{checks.flag_name(dest)} {value} must be a finite number")
-        elif value < low or (high is not None and value >= high):
-            problems.append(f"{checks.flag_name(dest)} {value} must be in [{low:g}, {'inf' if high is None else f'{high:g}'})")
-    problems += checks.empty_path_problems({checks.flag_name(dest): getattr(args, dest, None)
-                                              for dest in ("data_root", "out", "resume", "init", "pretrained")})
-    if getattr(args, "kill_at", None) is not None:
-        rank, _, step = args.kill_at.partition(":")
-        if not (rank.isdigit() and step.isdigit()):
-            problems.append(f"--kill-at {args.kill_at}: expected RANK:STEP, e.g. 1:3")
-    if args.device not in ("auto", "cpu", "cuda"):
-        problems.append(f"--device {args.device}: expected auto, cpu or cuda")
-    if not 0 <= args.seed < 2**32:  # what numpy and torch's generators accept
-        problems.append(f"--seed {args.seed} must be in 0..2**32-1")
-    if getattr(args, "compile", None) is not None:
-        import torch._dynamo  # the list of backends; only when --compile is asked for
-        backends = torch._dynamo.list_backends(exclude_tags=())
-        if args.compile not in backends:
-            problems.append(f"--compile {args.compile}: unknown torch.compile backend (known: {', '.join(backends)})")
-    return problems
-
-
-def default_workers(device_type: str) -> int:
-    """Loader processes per rank when --workers is not given (the rule --help states)."""
-    if device_type != "cuda":
-        return 0
-    processes_per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    per_process = checks.usable_cpus() // processes_per_node
-    return max(1, min(MAX_DEFAULT_WORKERS, per_process - 1))  # one core stays with the training process
 
 
 def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, data.DatasetInfo]:
@@ -936,7 +682,7 @@ def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, data.Dat
     for dest, default in (("compile", None), ("overwrite", False), ("kill_at", None), ("accum_steps", 1)):
         if not hasattr(args, dest):  # namespaces built before these flags existed
             setattr(args, dest, default)
-    problems = given_value_problems(args)
+    problems = checks.given_value_problems(args)
     if args.dataset is None:
         if args.data_root is not None:
             problems.append(f"--data-root {args.data_root} given without --dataset: name the data set "
@@ -953,7 +699,7 @@ def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, data.Dat
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.workers is None:
-        args.workers = default_workers(args.device)
+        args.workers = data.default_workers(args.device)
     if args.backbone is None:
         args.backbone = "tiny" if args.dataset == "synthetic" else "resnet101"
     if args.resume or args.init:
@@ -986,6 +732,16 @@ def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, data.Dat
         stage = "_finetune" if args.finetune else ""
         args.out = str(Path(args.resume).parent) if args.resume else f"runs/{args.dataset}_{args.loss}{stage}"
 
+    problems += resolved_problems(args, info)
+    if problems:
+        raise SystemExit("train.py: " + "; ".join(problems))
+    return args, info
+
+
+def resolved_problems(args: argparse.Namespace, info: data.DatasetInfo) -> list[str]:
+    """The invariants of the resolved settings (crop vs output stride, field sizes that fit the
+    logits, flags that exclude each other), each as one line."""
+    problems = []
     stride = model_lib.OUTPUT_STRIDE
     if args.crop_size <= 0 or args.crop_size % stride:
         problems.append(f"--crop-size {args.crop_size} must be a positive multiple of the output stride {stride}")
@@ -1021,9 +777,7 @@ def resolve_args(args: argparse.Namespace) -> tuple[argparse.Namespace, data.Dat
     if args.eval and info.val_split not in info.splits:  # a folder set without images/val: say so now
         problems.append(f"{args.dataset} has no {info.val_split!r} split for the final evaluation "
                         f"(splits: {', '.join(info.splits)}); add it or pass --no-eval")
-    if problems:
-        raise SystemExit("train.py: " + "; ".join(problems))
-    return args, info
+    return problems
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -1035,57 +789,9 @@ def main(args: argparse.Namespace) -> dict:
     """
     args, info = resolve_args(args)
     dist, device = distributed.setup_distributed(args.device)
-    out = Path(args.out)
-    lock = runfolder.RunLock(out) if dist.is_main else None  # rank 0 writes the folder, so rank 0 holds it
-    previous_handler = signal.signal(signal.SIGTERM, distributed.raise_terminated)
-    try:
-        return train(args, info, dist, device, lock)
-    except BaseException as err:
-        # From here on a SIGTERM (torchrun stopping the job after another rank died) must not cut
-        # the report short: composing it reads last.pt, which takes a moment.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        failure = failure_line(err, dist, out)
-        if failure is None:  # a bug: the traceback stays
-            raise
-        message, every_rank = failure
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the exit below must not be interrupted
-        try:
-            distributed.cleanup_distributed()
-        except RuntimeError:  # the process group may be broken already
-            pass
-        if lock is not None:
-            lock.release()
-        signal.signal(signal.SIGTERM, previous_handler)
-    raise SystemExit(message if dist.is_main or every_rank else 1)
-
-
-def failure_line(err: BaseException, dist: distributed.Dist, out: Path) -> tuple[str, bool] | None:
-    """(the one line a failed run ends with, whether every rank prints its own) for the project's
-    own input errors, a non-finite stop, a failed write (disk full), Ctrl-C, SIGTERM and a lost
-    torchrun peer; None for anything else (a bug keeps its traceback)."""
-    rank = f"rank {dist.rank}: " if dist.enabled else ""
-    # Stopped after this start wrote model.pt (in the final evaluation, say): nothing to resume.
-    kept = getattr(err, "finished_model", None) or runfolder.kept_checkpoint(out)
-    if isinstance(err, UnreadableSample):  # met by the one rank that loaded the sample
-        return f"train.py: {rank}{err}", True
-    if isinstance(err, (data.DatasetError, checkpoint.WeightsError)):  # data root or file, weights, checkpoint
-        return f"train.py: {err}", False
-    if isinstance(err, finite.NonFiniteError):  # raised on every rank at the same check (finite.FiniteGuard reduces first)
-        return f"train.py: {err}", False
-    if isinstance(err, checkpoint.WriteError):  # a full disk while writing a checkpoint or the log
-        return f"train.py: {rank}{err}; {kept}", True
-    if isinstance(err, KeyboardInterrupt):  # Ctrl-C: how most users stop a run; nothing is lost
-        return f"train.py: {rank}stopped by Ctrl-C; {kept}", True
-    if isinstance(err, distributed.Terminated):
-        return (f"train.py: {rank}stopped by SIGTERM"
-                + (" (torchrun stops the job when one of its processes fails)" if dist.enabled else "")
-                + f"; {kept}"), True
-    if isinstance(err, RuntimeError) and distributed.is_lost_peer(err, dist):
-        return (f"train.py: rank {dist.rank}: lost contact with another process of the job (it crashed "
-                f"or was killed; see its own message); {kept}"), True
-    return None
-
+    return runfolder.run_with_one_line_stop(lambda lock: train(args, info, dist, device, lock), dist, Path(args.out),
+                                            input_errors=(data.DatasetError, checkpoint.WeightsError),
+                                            rank_errors=(data.UnreadableSample,))
 
 if __name__ == "__main__":
     main(get_args_parser().parse_args())
