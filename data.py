@@ -14,8 +14,9 @@ What this stage does, top to bottom:
 4. File-backed data sets in the layouts their owners distribute (VOC2012 + SBD, Cityscapes,
    GTA5, CamVid); how their files are found, read and checked (one line for every problem) is
    layouts.py's, a support module.
-5. Your own data (`folder`): ROOT/classes.txt, ROOT/{images,labels}/<split>/..., with these
-   defaults for the rest of the recipe.
+5. Your own data (`folder`): ROOT/classes.txt (not needed for binary 0/255 or 0/1 masks),
+   ROOT/{images,labels}/<split>/..., with these defaults for the rest of the recipe; a training
+   split warns of declared classes that none of its labels holds.
 6. The synthetic street-scene set (the project's default, no files): scenes drawn by
    synthetic.py, deterministic per (split seed, index); here they get split seeds and lengths.
 
@@ -35,7 +36,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -238,9 +241,11 @@ DATASETS: dict[str, DatasetInfo] = {
 # at a crop that fits a mid-size GPU, lambda 1.0 and AAF field sizes 3 5 7 (GTA5/CamVid's), and
 # an evaluation window of the training crop moved by 2/3 of it (as VOC 480/320, Cityscapes 720/480).
 FOLDER_LAYOUT = (
-    "ROOT/classes.txt (one class a line, line k = label value k: `name` or `name R G B`; optional "
-    "`255 ignore`), ROOT/images/<split>/<path>/<name>.<png|jpg|...>, ROOT/labels/<split>/<path>/<name>.png "
-    "(class values), optional ROOT/instances/<split>/<path>/<name>.png; splits train and val"
+    "ROOT/classes.txt (one class a line: `name` or `name R G B`, line k = label value k, or `VALUE: name` "
+    "on every class line; `VALUE ignore` for ignored values, e.g. `255 ignore`; not needed for binary "
+    "masks holding only 0 and 255, or 0 and 1), ROOT/images/<split>/<path>/<name>.<png|jpg|...>, "
+    "ROOT/labels/<split>/<path>/<name>.png (class values), optional ROOT/instances/<split>/<path>/<name>.png; "
+    "splits train and val"
 )
 FOLDER_DEFAULTS = DatasetInfo(
     name="folder", num_classes=0, class_names=(), palette=(),  # filled in from classes.txt
@@ -498,8 +503,23 @@ class FileDataset(SegmentationDataset):
 # ---------------------------------------------------------------------------------------------
 # 5. Your own data: `--dataset folder`
 # ---------------------------------------------------------------------------------------------
-# ROOT/classes.txt (its syntax: layouts.py) gives the classes; the other facts of a folder set are
-# FOLDER_DEFAULTS (section 1) and the split and instance folders found under ROOT.
+# ROOT/classes.txt (its syntax: layouts.py) gives the classes, or, without it, labels that hold
+# only 0 and 255 (or 0 and 1) are a binary set (background, foreground); the other facts of a
+# folder set are FOLDER_DEFAULTS (section 1) and the split and instance folders found under ROOT.
+# Two lines may be printed at start (stderr, once per process, by rank 0 alone under torchrun):
+# that a root without classes.txt was taken as a binary set, and, when a training split is built,
+# the declared classes that occur in none of its labels (they would train as classes that never
+# exist; usually a wrong value mapping in classes.txt).
+_TOLD: set[str] = set()
+
+
+def _tell(line: str) -> None:
+    """Print a line of this stage once per process, on torchrun's rank 0 alone (RANK from the
+    environment, as distributed.py reads it): every rank builds the data sets."""
+    if line not in _TOLD and os.environ.get("RANK", "0") == "0":
+        _TOLD.add(line)
+        print(f"data.py: {line}", file=sys.stderr, flush=True)
+
 
 def folder_info(classes: layouts.FolderClasses, splits: tuple[str, ...] = FOLDER_DEFAULTS.splits,
                 has_instances: bool = False) -> DatasetInfo:
@@ -513,8 +533,31 @@ def folder_info(classes: layouts.FolderClasses, splits: tuple[str, ...] = FOLDER
 
 def open_folder(root: str | os.PathLike) -> tuple[DatasetInfo, LabelCodec]:
     """The DatasetInfo and label codec of a folder data set, from ROOT/classes.txt and ROOT/images/*/."""
-    facts = layouts.read_folder(FOLDER_DEFAULTS, root)
+    facts = layouts.read_folder(FOLDER_DEFAULTS, root, progress=lambda line: _tell(f"{root}: {line}"))
+    if facts.note:
+        _tell(f"{root}: {facts.note}")
     return folder_info(facts.classes, facts.splits, facts.has_instances), facts.codec
+
+
+def absent_classes(info: DatasetInfo, codec: LabelCodec, values: np.ndarray) -> list[str]:
+    """The classes of `info` that none of the stored label `values` decodes to (by `codec`)."""
+    stored = values[(values >= 0) & (values <= 255)]  # others are refused when the file is decoded
+    present = set(codec.lut[stored[codec.valid[stored]]].tolist())
+    return [name for k, name in enumerate(info.class_names) if k not in present]
+
+
+def _warn_absent_classes(info: DatasetInfo, codec: LabelCodec, root: Path, split: str,
+                         records: list[layouts.Record]) -> None:
+    if os.environ.get("RANK", "0") != "0":  # only rank 0 prints, so only it reads
+        return
+    values = layouts.label_values([r.label for r in records], lambda line: _tell(f"{root}: {line}"),
+                                  f"labels of split {split!r}")
+    absent = absent_classes(info, codec, values)
+    if absent:
+        _tell(f"warning: {root}: class{'es' if len(absent) > 1 else ''} {', '.join(map(repr, absent))} "
+              f"occur{'' if len(absent) > 1 else 's'} in none of the {len(records)} labels of split {split!r}: "
+              f"{'they' if len(absent) > 1 else 'it'} would train as a class that never exists (check which "
+              f"label value each class has)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -575,6 +618,8 @@ def build_dataset(
     if length is not None:
         records = records[: int(length)]
     layouts.check_files_exist(info, root, records)
+    if name == "folder" and train:
+        _warn_absent_classes(info, codec, root, split, records)
     return FileDataset(
         info, records, split, train, crop_size, scale_range, seed,
         resize_image_to_label=(name == "gta5"),

@@ -16,18 +16,23 @@ the training transform; this module holds how the files are found and read:
   the download address.
 
 Layout errors need the data set's name, expected layout and download text: any object with
-`.name`, `.layout` and `.download` (`Described`; data.DatasetInfo is one). Imports nothing of the
-project.
+`.name`, `.layout` and `.download` (`Described`; data.DatasetInfo is one). Imports no stage file
+(checks.py alone, for the number of usable cores).
 """
 from __future__ import annotations
 
 import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
 from PIL import Image
+
+import checks  # usable_cpus: threads for reading many label maps
 
 IGNORE_INDEX = 255  # the train id of ignored pixels (and VOC's stored void value)
 VOID_COLOUR = (224, 224, 192)  # VOC's colour for index 255; used for every ignored pixel
@@ -265,11 +270,14 @@ def checked_root(info: Described, root: str | os.PathLike | None) -> Path:
     return root
 
 
-def layout_error(info: Described, root: Path | None, problem: str) -> DatasetError:
+def layout_error(info: Described, root: Path | None, problem: str, note: str = "") -> DatasetError:
+    """'<name> data set at ROOT is missing or incomplete: <problem>. Expected layout: ... <note>
+    Download: ...', one line."""
     download = f" Download: {info.download}" if info.download else ""
     where = f"data set at {root} is missing or incomplete: {problem}" if root is not None else \
         "data set needs its folder: pass --data-root DIR"
-    return DatasetError(f"{info.name} {where}. Expected layout: {info.layout}." + download)
+    return DatasetError(f"{info.name} {where}. Expected layout: {info.layout}." + (f" {note}" if note else "")
+                        + download)
 
 
 def _read_list(path: Path) -> list[str]:
@@ -427,31 +435,47 @@ def _camvid_records(info: Described, root: Path, split: str) -> list[Record]:
 # ---------------------------------------------------------------------------------------------
 # Your own data: `--dataset folder`
 # ---------------------------------------------------------------------------------------------
-# ROOT/classes.txt lists the classes in label-value order, one a line:
+# ROOT/classes.txt lists the classes, one a line, in the order of their class index 0..C-1:
 #     background 0 0 0    a class: its name (spaces allowed, not ending in a number), then
 #     foreground          optionally its colour R G B (0..255; default: VOC's colour of its index)
 #     255 ignore          `VALUE ignore`: stored label value VALUE (0..255, not a class) is ignored
-#                         (`ignore` in any case; a line ending in it without a VALUE is an error)
-# The k-th class line (from 0) is label value k; ignore lines may appear anywhere and more than
-# once; '#' starts a comment; blank lines are skipped. Label PNGs hold the class values (grey or
-# palette indices, as VOC's); a value that is neither a class nor ignored is an error naming the
-# file. Instance PNGs follow VOC: every distinct value except 255 is one instance
-# (evaluate.py's instance-wise mIoU); a split has them for every image or for none.
+#                         (`ignore` in any case, `VALUE: ignore` too; a line ending in it without a
+#                         VALUE is an error)
+# Which stored label value is which class: the k-th class line (from 0) is label value k, or every
+# class line names its value before a colon, `VALUE: name [R G B]` (`0: background`, `255:
+# foreground` for 0/255 masks); the two styles do not mix in one file. A line that starts with a
+# bare number ('1 person', as some toolboxes write) is refused: without the colon it cannot be told
+# from a name. Ignore lines may appear anywhere and more than once; '#' starts a comment; blank
+# lines are skipped. Label PNGs hold the class values (grey or palette indices, as VOC's); a value
+# that is neither a class nor ignored is an error naming the file. Without classes.txt, labels
+# that hold only 0 and 255, or only 0 and 1, are a binary set (`binary_classes`). Instance PNGs
+# follow VOC: every distinct value except 255 is one instance (evaluate.py's instance-wise mIoU);
+# a split has them for every image or for none.
 CLASSES_FILE = "classes.txt"
-MAX_FOLDER_CLASSES = IGNORE_INDEX  # 8-bit label PNGs; 255 stays the ignore value inside
+MAX_FOLDER_CLASSES = IGNORE_INDEX  # class indices 0..254; 255 stays the ignore index inside
+_VALUE_PREFIX = re.compile(r"(-?\d+)\s*:\s*(.*)")  # `255: foreground`, `255:foreground`
 
 
 @dataclass(frozen=True)
 class FolderClasses:
-    """What classes.txt says: class names and colours (index = label value), ignored values."""
+    """What classes.txt says: class names and colours (index = class index), the stored label
+    value of each class, and the ignored values."""
 
     names: tuple[str, ...]
     colours: tuple[tuple[int, int, int] | None, ...]  # None: none given (data.py picks VOC's)
     ignore_values: tuple[int, ...]
+    values: tuple[int, ...] | None = None  # label value of class k; None: k itself
+
+    def value_of(self, k: int) -> int:
+        return k if self.values is None else self.values[k]
 
 
 def _is_byte(token: str) -> bool:
     return token.isdigit() and int(token) <= 255
+
+
+def _is_int(token: str) -> bool:
+    return token.lstrip("-").isdigit()
 
 
 def read_classes_file(path: Path) -> FolderClasses:
@@ -460,32 +484,51 @@ def read_classes_file(path: Path) -> FolderClasses:
         text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate the BOM some editors write
     except (OSError, UnicodeDecodeError) as e:
         raise DatasetError(f"cannot read {path}: {e}") from e
-    names, colours, ignore = [], [], []
-    usage = "expected `name`, `name R G B` (0..255) or `VALUE ignore` (VALUE 0..255)"
+    names, colours, values, ignore = [], [], [], []
+    usage = ("expected `name`, `name R G B` (0..255), `VALUE: name [R G B]` or `VALUE ignore` "
+             "(VALUE 0..255)")
+    styles: dict[bool, str] = {}  # explicit VALUE or not -> the first class line written that way
     for number, line in enumerate(text.splitlines(), start=1):
-        tokens = line.split("#", 1)[0].split()
+        body = line.split("#", 1)[0].strip()
         where = f"{path}, line {number} ({line.strip()!r})"
-        if not tokens:
+        if not body:
             continue
-        if tokens[-1].lower() == "ignore":  # `255 ignore`, `255 IGNORE`: an ignored label value
-            if len(tokens) != 2 or not tokens[0].lstrip("-").isdigit():
+        prefix = _VALUE_PREFIX.fullmatch(body)
+        value_token, tokens = (prefix.group(1), prefix.group(2).split()) if prefix else (None, body.split())
+        if tokens and tokens[-1].lower() == "ignore":  # `255 ignore`, `255: IGNORE`: an ignored label value
+            if value_token is None and len(tokens) == 2 and _is_int(tokens[0]):
+                value_token, tokens = tokens[0], tokens[1:]
+            if value_token is None or len(tokens) != 1:
                 # `other ignore` would otherwise become a class named "other ignore"
                 raise DatasetError(f"{where}: `ignore` needs the label value before it: `VALUE ignore` "
                                    f"(VALUE 0..255, e.g. `255 ignore`); a class line is `name` or `name R G B`")
-            if not _is_byte(tokens[0]):
-                raise DatasetError(f"{where}: ignore value {tokens[0]} is outside 0..255")
-            ignore.append(int(tokens[0]))
+            if not _is_byte(value_token):
+                raise DatasetError(f"{where}: ignore value {value_token} is outside 0..255")
+            ignore.append(int(value_token))
             continue
-        if tokens[0].lstrip("-").isdigit() and not all(t.lstrip("-").isdigit() for t in tokens):
-            # "1 person" (an id before the name, as some toolboxes write): the value is the line's
-            # position here, so reading the id as part of the name would shift every class.
-            raise DatasetError(f"{where}: a class line starts with its name, not with a number (line k of "
-                               f"the file is label value k); {usage}")
+        if tokens and _is_int(tokens[0]) and not all(_is_int(t) for t in tokens):
+            # "1 person" (an id before the name, as some toolboxes write): without a colon the id
+            # would be read as part of the name and every class shifted by the line order.
+            raise DatasetError(f"{where}: a class line starts with its name, or with its label value and a "
+                               f"colon (`1: person`), not with a bare number (without values, line k of the "
+                               f"file is label value k); {usage}")
         numbers = 0  # trailing integer tokens: none (a name alone) or exactly three (a colour)
-        while numbers < len(tokens) and tokens[-1 - numbers].lstrip("-").isdigit():
+        while numbers < len(tokens) and _is_int(tokens[-1 - numbers]):
             numbers += 1
         if numbers == len(tokens) or numbers not in (0, 3) or not all(_is_byte(t) for t in tokens[len(tokens) - numbers:]):
             raise DatasetError(f"{where}: {usage}")
+        explicit = value_token is not None
+        styles.setdefault(explicit, f"line {number}")
+        if len(styles) > 1:
+            raise DatasetError(f"{where}: give every class line its label value (`VALUE: name`) or none; "
+                               f"this file mixes both (the other kind: {styles[not explicit]})")
+        if value_token is not None:
+            if not _is_byte(value_token):
+                raise DatasetError(f"{where}: label value {value_token} is outside 0..255")
+            if int(value_token) in values:
+                other = names[values.index(int(value_token))]
+                raise DatasetError(f"{where}: label value {value_token} is already class {other!r}")
+            values.append(int(value_token))
         name = " ".join(tokens[:len(tokens) - numbers])
         if name in names:
             raise DatasetError(f"{where}: class {name!r} is listed twice")
@@ -494,11 +537,45 @@ def read_classes_file(path: Path) -> FolderClasses:
     if not 2 <= len(names) <= MAX_FOLDER_CLASSES:
         raise DatasetError(f"{path}: found {len(names)} class line(s); expected 2..{MAX_FOLDER_CLASSES} "
                            f"(e.g. `background` and `foreground` for binary segmentation)")
-    clash = sorted(v for v in set(ignore) if v < len(names))
+    classes = FolderClasses(tuple(names), tuple(colours), tuple(sorted(set(ignore))), tuple(values) if values else None)
+    class_values = [classes.value_of(k) for k in range(len(names))]
+    clash = sorted(v for v in set(ignore) if v in class_values)
     if clash:
-        raise DatasetError(f"{path}: ignore value {clash[0]} is the label value of class {names[clash[0]]!r}; "
-                           f"ignore values must be >= the number of classes ({len(names)})")
-    return FolderClasses(tuple(names), tuple(colours), tuple(sorted(set(ignore))))
+        rule = "" if values else f"; ignore values must be >= the number of classes ({len(names)})"
+        raise DatasetError(f"{path}: ignore value {clash[0]} is the label value of class "
+                           f"{names[class_values.index(clash[0])]!r}{rule}")
+    return classes
+
+
+def _value_ranges(values: Sequence[int]) -> str:
+    """'0..20, 255' for the values 0, 1, ..., 20, 255."""
+    runs: list[list[int]] = []
+    for v in sorted(values):
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ", ".join(f"{a}..{b}" if b > a else str(a) for a, b in runs)
+
+
+def folder_codec(classes: FolderClasses, source: str) -> LabelCodec:
+    """Stored value -> class index of a folder set; `source` (its classes.txt, or what stood in
+    for it) is quoted in the error for a value that is neither a class nor ignored."""
+    n = len(classes.names)
+    class_values = [classes.value_of(k) for k in range(n)]
+    hint = "" if IGNORE_INDEX in class_values else (" (add a line `255 ignore` if 255 means ignore, or give "
+                                                    "each class its value, `255: name`, if 255 is a class)")
+    ignored = (f" or {', '.join(map(str, classes.ignore_values))} (ignore)" if classes.ignore_values
+               else f"; {source} declares no ignore value{hint}")
+    return make_codec({v: k for k, v in enumerate(class_values)}, classes.ignore_values,
+                      f"{_value_ranges(class_values)} (the classes of {source}){ignored}")
+
+
+# Without classes.txt, the values of every label map decide (one pass, cached below): exactly these
+# two values are a binary set, (background, foreground). Both must occur somewhere (labels that
+# are all 0 cannot say which value the foreground has); a single split or mask may hold one alone.
+BINARY_VALUES = ((0, 255), (0, 1))
+BINARY_CLASSES = ("background", "foreground")
 
 
 @dataclass(frozen=True)
@@ -509,27 +586,90 @@ class FolderFacts:
     splits: tuple[str, ...]  # the folders under ROOT/images
     has_instances: bool  # ROOT/instances exists
     codec: LabelCodec
+    note: str | None = None  # said once at start: how the classes were found without classes.txt
 
 
-def read_folder(info: Described, root: str | os.PathLike | None) -> FolderFacts:
+def read_folder(info: Described, root: str | os.PathLike | None,
+                progress: Callable[[str], None] | None = None) -> FolderFacts:
     """The classes, splits, instance flag and label codec of a folder data set, from
-    ROOT/classes.txt and ROOT/images/*/; `info` (the folder defaults) words the layout errors."""
+    ROOT/classes.txt (or, without it, the values of the labels: `binary_classes`) and
+    ROOT/images/*/; `info` (the folder defaults) words the layout errors."""
     root = checked_root(info, root)
     path = root / CLASSES_FILE
-    if not path.is_file():
-        raise layout_error(info, root, f"missing {path}")
-    classes = read_classes_file(path)
+    if path.is_file():
+        classes = read_classes_file(path)
+        codec, note = folder_codec(classes, str(path)), None
+    else:
+        classes, codec, note = binary_classes(info, root, progress)
     images = root / "images"
     if not images.is_dir():
         raise layout_error(info, root, f"missing folder {images}")
     splits = tuple(sorted(p.name for p in images.iterdir() if p.is_dir() and not p.name.startswith(".")))
     if not splits:
         raise layout_error(info, root, f"no split folders in {images} (e.g. {images / 'train'})")
-    n = len(classes.names)
-    ignored = (f" or {', '.join(map(str, classes.ignore_values))} (ignore)" if classes.ignore_values
-               else f"; {path} declares no ignore value (add a line `255 ignore` if 255 means ignore)")
-    codec = make_codec({k: k for k in range(n)}, classes.ignore_values, f"0..{n - 1} (the classes of {path}){ignored}")
-    return FolderFacts(classes, splits, (root / "instances").is_dir(), codec)
+    return FolderFacts(classes, splits, (root / "instances").is_dir(), codec, note)
+
+
+def binary_classes(info: Described, root: Path, progress: Callable[[str], None] | None = None
+                   ) -> tuple[FolderClasses, LabelCodec, str]:
+    """A root without classes.txt: (background, foreground) with their codec and the line that
+    says so, if the label PNGs of all splits together hold exactly 0 and 255, or 0 and 1; else the
+    layout error of a missing classes.txt, with the values found."""
+    path, labels = root / CLASSES_FILE, root / "labels"
+    splits = sorted(p for p in labels.iterdir() if p.is_dir() and not p.name.startswith(".")) if labels.is_dir() else []
+    files = [f for split in splits for f in _files_by_name(info, root, split, (".png",), "labels").values()]
+    rule = (f"Without {CLASSES_FILE} the labels must hold only 0 and 255, or only 0 and 1 "
+            f"(a binary set: background, foreground)")
+    if not files:
+        raise layout_error(info, root, f"missing {path}", f"{rule}; there are no label PNGs in {labels}/<split>/.")
+    values = tuple(int(v) for v in label_values(files, progress, f"label maps in {labels}"))
+    if values not in BINARY_VALUES:
+        shown = ", ".join(map(str, values[:12])) + (", ..." if len(values) > 12 else "")
+        raise layout_error(info, root, f"missing {path}",
+                           f"{rule}; the {len(files)} label maps in {labels} hold {shown}.")
+    foreground = values[1]
+    classes = FolderClasses(BINARY_CLASSES, (None, None), (), values)
+    codec = make_codec({0: 0, foreground: 1}, (), f"0 and {foreground} (a binary set: no {path}, and the "
+                                                   f"other labels hold only these)")
+    return classes, codec, f"no {CLASSES_FILE}; labels hold only 0 and {foreground}: a binary set, {foreground} = foreground"
+
+
+# Distinct values per label file, kept for the process (keyed by path, size and modification time,
+# so an edited file is read again): the binary rule above and data.py's check for classes that
+# occur in no training label share one pass.
+_VALUES_OF_FILE: dict[tuple[str, int, int], np.ndarray] = {}
+_PROGRESS_AFTER_S, _PROGRESS_EVERY_S = 2.0, 10.0
+
+
+def _values_of(path: Path) -> np.ndarray:
+    st = path.stat()
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    if key not in _VALUES_OF_FILE:
+        raw = read_label(path)  # [H, W]
+        # A presence count is cheaper than np.unique's sort for 8-bit maps.
+        _VALUES_OF_FILE[key] = (np.flatnonzero(np.bincount(raw.ravel(), minlength=256)) if raw.dtype == np.uint8
+                                else np.unique(raw))
+    return _VALUES_OF_FILE[key]
+
+
+def label_values(paths: Sequence[Path], progress: Callable[[str], None] | None = None,
+                 what: str = "label maps") -> np.ndarray:
+    """The sorted distinct values stored in the label PNGs `paths`, read by a few threads (Pillow
+    decodes without holding the GIL). `progress` gets a line every 10 s once reading has taken
+    more than 2 s; an unreadable file is a DatasetError naming it."""
+    seen: set[int] = set()
+    start = last = time.monotonic()
+    told = False
+    with ThreadPoolExecutor(max_workers=min(8, checks.usable_cpus())) as pool:
+        for done, values in enumerate(pool.map(_values_of, paths), start=1):
+            seen.update(values.tolist())
+            now = time.monotonic()
+            if progress is not None and now - start > _PROGRESS_AFTER_S and (not told or now - last > _PROGRESS_EVERY_S):
+                progress(f"reading the values of {len(paths)} {what}: {done} done")
+                told, last = True, now
+    if told:
+        progress(f"read the values of {len(paths)} {what} in {time.monotonic() - start:.0f} s")
+    return np.array(sorted(seen), np.int64)
 
 
 def _files_by_name(info: Described, root: Path, folder: Path, extensions: Sequence[str], what: str) -> dict[str, Path]:

@@ -815,6 +815,168 @@ def test_folder_label_values_and_sizes_are_checked(tmp_path: Path) -> None:
         data.build_dataset("folder", tmp_path, "test", train=False)
 
 
+# --- masks as users store them: explicit label values, binary sets without classes.txt (issue 18) ---
+
+MASK = np.array([[0, 255, 255, 0], [0, 128, 255, 0], [0, 0, 0, 0]], np.uint8)  # 0/255 with 128 in between
+
+
+def make_masks(root: Path, masks: dict[str, list[np.ndarray]], classes: str | None = None) -> None:
+    """A folder set of 3x4 images whose labels are `masks` (split -> label maps), named 0.png, 1.png, ..."""
+    for split, labels in masks.items():
+        for k, label in enumerate(labels):
+            write_rgb(root / "images" / split / f"{k}.png", random_image(3, 4, k))
+            write_gray_png(root / "labels" / split / f"{k}.png", label)
+    if classes is not None:
+        (root / "classes.txt").write_text(classes)
+
+
+def test_classes_file_can_give_each_class_its_label_value(tmp_path: Path) -> None:
+    # The README's example for 0/255 masks with an ignored band stored as 128.
+    make_masks(tmp_path, {"train": [MASK], "val": [MASK]},
+               "0: background 0 0 0\n255: foreground 255 255 0\n128 ignore\n")
+    info = data.dataset_info("folder", tmp_path)
+    assert info.class_names == ("background", "foreground") and info.palette == ((0, 0, 0), (255, 255, 0))
+    label = data.build_dataset("folder", tmp_path, "val", train=False)[0]["label"].numpy()
+    assert label.tolist() == [[0, 1, 1, 0], [0, 255, 1, 0], [0, 0, 0, 0]]  # 255 is class 1, 128 ignored
+    # Any order of values; `VALUE:ignore` and `:` without a space read the same; the line order is the class index.
+    (tmp_path / "classes.txt").write_text("255:fg\n0 : bg\n128: IGNORE\n")
+    assert data.dataset_info("folder", tmp_path).class_names == ("fg", "bg")
+    label = data.build_dataset("folder", tmp_path, "val", train=False)[0]["label"].numpy()
+    assert label.tolist() == [[1, 0, 0, 1], [1, 255, 0, 1], [1, 1, 1, 1]]
+    write_gray_png(tmp_path / "labels" / "val" / "0.png", np.array([[0, 1, 255, 0]] * 3, np.uint8))
+    with pytest.raises(data.DatasetError, match=r"val/0\.png: label values \[1\] are outside 0, 255 \(the classes "
+                                                r"of \S*classes\.txt\) or 128 \(ignore\)$"):
+        data.build_dataset("folder", tmp_path, "val", train=False)[0]
+    (tmp_path / "classes.txt").write_text("0: bg\n1: a\n2: b\n3: c\n255: fg\n")  # no ignore: no `255 ignore` hint
+    write_gray_png(tmp_path / "labels" / "val" / "0.png", MASK)
+    with pytest.raises(data.DatasetError, match=r"\[128\] are outside 0\.\.3, 255 \(the classes of \S*classes\.txt\); \S*classes"
+                                                r"\.txt declares no ignore value$"):
+        data.build_dataset("folder", tmp_path, "val", train=False)[0]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("0: bg\nfg\n", r"line 2 \('fg'\): give every class line its label value \(`VALUE: name`\) or none; this "
+                    r"file mixes both \(the other kind: line 1\)"),
+    ("bg\n1: fg\n", r"line 2 \('1: fg'\): give every class line its label value"),
+    ("0: bg\n0: fg\n", r"line 2 \('0: fg'\): label value 0 is already class 'bg'"),
+    ("0: bg\n256: fg\n", r"line 2 \('256: fg'\): label value 256 is outside 0\.\.255"),
+    ("0: bg\n-1: fg\n", r"line 2 \('-1: fg'\): label value -1 is outside 0\.\.255"),
+    ("0: bg\n255:\n", r"line 2 \('255:'\): expected `name`, `name R G B` \(0\.\.255\), `VALUE: name \[R G B\]`"),
+    ("0: bg\n255: 1 2 3\n", r"line 2 \('255: 1 2 3'\): expected"),
+    ("0: bg\n255: fg 1 2\n", r"line 2 \('255: fg 1 2'\): expected"),
+    ("0: bg\n255: fg\n255 ignore\n", r"ignore value 255 is the label value of class 'fg'$"),
+    ("0: bg\n1: 2 fg\n", r"line 2 \('1: 2 fg'\): a class line starts with its name, or with its label value and a "
+                         r"colon \(`1: person`\), not with a bare number"),
+    ("0 background\n1 person\n", r"line 1 \('0 background'\): a class line starts with its name, or with its label "
+                                 r"value and a colon \(`1: person`\)"),
+    ("0: bg\nfg: ignore\n", r"line 2 \('fg: ignore'\): `ignore` needs the label value before it"),
+])
+def test_malformed_label_values_in_classes_file_are_one_line(tmp_path: Path, text: str, message: str) -> None:
+    make_masks(tmp_path, {"train": [MASK]}, text)
+    with pytest.raises(data.DatasetError, match=message) as e:
+        data.dataset_info("folder", tmp_path)
+    assert str(e.value).startswith(str(tmp_path / "classes.txt")) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("foreground", [255, 1])
+def test_binary_masks_need_no_classes_file(tmp_path: Path, capsys, foreground: int) -> None:
+    # Every train mask is all background (a subset of the two values is fine); val holds both.
+    fg = np.array([[0, foreground, foreground, 0]] * 3, np.uint8)
+    make_masks(tmp_path, {"train": [np.zeros((3, 4), np.uint8)] * 2, "val": [fg]})
+    info = data.dataset_info("folder", tmp_path)
+    assert info.class_names == ("background", "foreground") and info.num_classes == 2
+    assert info.palette == ((0, 0, 0), (128, 0, 0))  # VOC's colours of 0 and 1
+    val = data.build_dataset("folder", tmp_path, "val", train=False)
+    assert val[0]["label"].numpy().tolist() == [[0, 1, 1, 0]] * 3  # stored 255 (or 1) is class 1, not ignore
+    said = capsys.readouterr().err
+    # One line, once per process, however often the root is opened.
+    assert said == (f"data.py: {tmp_path}: no classes.txt; labels hold only 0 and {foreground}: a binary set, "
+                    f"{foreground} = foreground\n")
+    with pytest.raises(data.DatasetError, match=rf"val/0\.png: label values \[7\] are outside 0 and {foreground} "
+                                                r"\(a binary set: no \S*classes\.txt"):
+        data.decode_label(np.array([[0, 7]], np.uint8), data.open_folder(tmp_path)[1], tmp_path / "labels/val/0.png")
+
+
+def test_without_classes_file_every_split_decides_and_other_values_are_refused(tmp_path: Path, monkeypatch, capsys) -> None:
+    zeros, ones, full = np.zeros((3, 4), np.uint8), np.ones((3, 4), np.uint8), np.full((3, 4), 255, np.uint8)
+    make_masks(tmp_path / "a", {"train": [zeros, full], "val": [ones]})  # 0/255 in train, 1 in val: 0, 1, 255
+    make_masks(tmp_path / "b", {"train": [zeros], "val": [zeros]})  # 0 alone: which value is the foreground?
+    make_masks(tmp_path / "c", {"train": [MASK]})  # 0, 128, 255
+    make_masks(tmp_path / "d", {"train": [full]})  # 255 alone
+    for name, found in (("a", "the 3 label maps in {labels} hold 0, 1, 255."),
+                        ("b", "the 2 label maps in {labels} hold 0."),
+                        ("c", "the 1 label maps in {labels} hold 0, 128, 255."),
+                        ("d", "the 1 label maps in {labels} hold 255.")):
+        root = tmp_path / name
+        with pytest.raises(data.DatasetError) as e:
+            data.build_dataset("folder", root, "train", train=True)
+        assert str(e.value).startswith(f"folder data set at {root} is missing or incomplete: missing "
+                                       f"{root / 'classes.txt'}. Expected layout: ROOT/classes.txt ")
+        assert str(e.value).endswith(". Without classes.txt the labels must hold only 0 and 255, or only 0 and 1 "
+                                     "(a binary set: background, foreground); " + found.format(labels=root / "labels"))
+    (tmp_path / "e" / "images" / "train").mkdir(parents=True)
+    with pytest.raises(data.DatasetError, match=r"missing \S*/e/classes\.txt\. Expected layout: .* there are no label "
+                                                r"PNGs in \S*/e/labels/<split>/\.$"):
+        data.dataset_info("folder", tmp_path / "e")
+    # Under torchrun only rank 0 says it; the others decide the same silently.
+    monkeypatch.setenv("RANK", "1")
+    make_masks(tmp_path / "f", {"train": [MASK * (MASK == 255)]})
+    assert data.dataset_info("folder", tmp_path / "f").class_names == ("background", "foreground")
+    assert capsys.readouterr().err == ""
+
+
+def test_a_declared_class_absent_from_every_training_label_is_named_once(tmp_path: Path, capsys, monkeypatch) -> None:
+    masks = [MASK * (MASK == 255), np.zeros((3, 4), np.uint8), MASK * (MASK == 255)]
+    # The old README example on 0/255 masks: foreground is value 1, which no mask holds (255 is ignored).
+    make_masks(tmp_path, {"train": masks, "val": masks[:1]}, "background 0 0 0\nforeground 255 255 0\n255 ignore\n")
+    data.build_dataset("folder", tmp_path, "train", train=False)  # evaluation sets: no check
+    assert capsys.readouterr().err == ""
+    data.build_dataset("folder", tmp_path, "train", train=True)
+    assert capsys.readouterr().err == (
+        f"data.py: warning: {tmp_path}: class 'foreground' occurs in none of the 3 labels of split 'train': it would "
+        "train as a class that never exists (check which label value each class has)\n")
+    (tmp_path / "classes.txt").write_text("0: bg\n255: fg\n1: a\n2: b\n")
+    data.build_dataset("folder", tmp_path, "train", train=True, length=2)
+    assert capsys.readouterr().err == (
+        f"data.py: warning: {tmp_path}: classes 'a', 'b' occur in none of the 2 labels of split 'train': they would "
+        "train as a class that never exists (check which label value each class has)\n")
+    (tmp_path / "classes.txt").write_text("0: bg\n255: fg\n")
+    data.build_dataset("folder", tmp_path, "train", train=True, length=2)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "1")
+    (tmp_path / "classes.txt").write_text("0: bg\n255: fg\n7: never\n")
+    data.build_dataset("folder", tmp_path, "train", train=True)
+    assert capsys.readouterr().err == ""
+
+
+def test_one_pass_over_the_labels_serves_the_binary_rule_and_the_absent_class_check(tmp_path: Path, monkeypatch,
+                                                                                   capsys) -> None:
+    make_masks(tmp_path, {"train": [MASK * (MASK == 255)] * 3, "val": [MASK * (MASK == 255)] * 2})
+    reads = []
+    real = layouts.read_label
+    monkeypatch.setattr(layouts, "read_label", lambda path: reads.append(Path(path).relative_to(tmp_path)) or real(path))
+    monkeypatch.setattr(layouts, "_PROGRESS_AFTER_S", -1.0)  # say progress at once, for every file
+    monkeypatch.setattr(layouts, "_PROGRESS_EVERY_S", -1.0)
+    data.dataset_info("folder", tmp_path)
+    data.build_dataset("folder", tmp_path, "train", train=True)
+    data.build_dataset("folder", tmp_path, "val", train=False)
+    assert sorted(map(str, reads)) == [f"labels/{s}/{k}.png" for s, n in (("train", 3), ("val", 2)) for k in range(n)]
+    lines = capsys.readouterr().err.splitlines()
+    what = f"5 label maps in {tmp_path / 'labels'}"
+    assert lines[:5] == [f"data.py: {tmp_path}: reading the values of {what}: {k} done" for k in range(1, 6)]
+    assert lines[5] == f"data.py: {tmp_path}: read the values of {what} in 0 s"
+    assert lines[6] == f"data.py: {tmp_path}: no classes.txt; labels hold only 0 and 255: a binary set, 255 = foreground"
+    # The training split's labels again, for the absent-class check: from the cache, no file read.
+    what = "3 labels of split 'train'"
+    assert lines[7:] == [f"data.py: {tmp_path}: reading the values of {what}: {k} done" for k in range(1, 4)] + [
+        f"data.py: {tmp_path}: read the values of {what} in 0 s"]
+    # An edited file is read again (size or modification time changed).
+    write_gray_png(tmp_path / "labels" / "train" / "0.png", np.array([[0, 255, 0, 0, 255]] * 3, np.uint8))
+    reads.clear()
+    data.build_dataset("folder", tmp_path, "train", train=True)
+    assert [str(p) for p in reads] == ["labels/train/0.png"]
+
+
 def test_data_root_that_is_a_file_says_so(tmp_path: Path) -> None:
     make_folder(tmp_path / "mine")
     for name, root in (("folder", tmp_path / "mine" / "classes.txt"), ("voc", tmp_path / "mine" / "classes.txt"),

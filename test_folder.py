@@ -1,6 +1,7 @@
 """Your own data end to end (issue 11): a generated binary folder data set (background /
 foreground, 255 ignored) is trained with the AAF loss, evaluated with every metric and predicted,
-through the same main() functions as the command lines. CPU, tiny backbone, 48-pixel windows."""
+through the same main() functions as the command lines; 0/255 masks without a classes.txt do the
+same (issue 18). CPU, tiny backbone, 48-pixel windows."""
 from __future__ import annotations
 
 import json
@@ -85,6 +86,61 @@ def test_binary_folder_trains_evaluates_and_predicts(tmp_path: Path) -> None:
         "--workers", "0"]))
     assert scored["confusion"] == results["confusion"] and scored["miou"] == pytest.approx(results["miou"])
     assert scored["instance_counting"] == "one instance per present class (no instance maps)"
+
+
+def make_mask_folder(root: Path) -> int:
+    """Bright discs on dark noise, stored as 0/255 masks (255 = foreground), no classes.txt; returns
+    the number of foreground pixels in val."""
+    rng = np.random.default_rng(1)
+    foreground = 0
+    for split, count in (("train", 4), ("val", 2)):
+        for i in range(count):
+            yy, xx = np.mgrid[:40, :56]
+            label = np.zeros((40, 56), np.uint8)
+            for _ in range(2):
+                cy, cx, r = rng.integers(8, 32), rng.integers(8, 48), rng.integers(4, 8)
+                label[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 255
+            image = rng.integers(0, 60, (40, 56, 3)).astype(np.uint8)
+            image[label == 255] += 150
+            foreground += int((label == 255).sum()) if split == "val" else 0
+            for kind, array in (("images", image), ("labels", label)):
+                path = root / kind / split / f"{split}{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(array).save(path)
+    return foreground
+
+
+def test_binary_0_255_masks_train_and_score_their_foreground_without_classes_file(tmp_path: Path, capsys) -> None:
+    root, out = tmp_path / "masks", tmp_path / "run"
+    val_foreground = make_mask_folder(root)
+    result = train.main(train.get_args_parser().parse_args([
+        "--dataset", "folder", "--data-root", str(root), "--loss", "aaf", "--backbone", "tiny",
+        "--pretrained", "none", "--crop-size", "32", "--batch-size", "2", "--iters", "3", "--no-eval",
+        "--out", str(out)]))
+    said = capsys.readouterr().err
+    assert f"data.py: {root}: no classes.txt; labels hold only 0 and 255: a binary set, 255 = foreground\n" in said
+    assert "warning" not in said
+    ckpt = torch.load(result["checkpoint"], weights_only=True)
+    assert ckpt["meta"]["class_names"] == ["background", "foreground"] and ckpt["meta"]["num_classes"] == 2
+
+    window = ["--crop-size", "48", "--stride", "32"]
+    results = evaluate.main(evaluate.get_args_parser().parse_args([
+        "--ckpt", result["checkpoint"], "--data-root", str(root), "--workers", "0", "--device", "cpu", *window]))
+    # The foreground is scored: every stored 255 is a ground-truth pixel of class 1 (none ignored).
+    confusion = np.array(results["confusion"])
+    assert confusion.shape == (2, 3) and confusion[1].sum() == val_foreground > 0
+    assert confusion.sum() == 2 * 40 * 56
+    assert np.isfinite(results["iou"][1]) and np.isfinite(results["miou"])
+
+    preds = tmp_path / "preds"
+    infer.main(infer.get_args_parser().parse_args([
+        "--ckpt", result["checkpoint"], "--input", str(root / "images" / "val"), "--out", str(preds),
+        "--device", "cpu", *window]))  # no --data-root: the classes come from the checkpoint
+    with Image.open(preds / "val0.png") as im:
+        assert im.mode == "P" and set(np.unique(np.asarray(im)).tolist()) <= {0, 1}
+    scored = evaluate.main(evaluate.get_args_parser().parse_args([
+        "--pred-dir", str(preds), "--dataset", "folder", "--data-root", str(root), "--workers", "0"]))
+    assert scored["confusion"] == results["confusion"]
 
 
 def test_sub_folders_with_equal_file_names_round_trip_through_infer_and_pred_dir(tmp_path: Path) -> None:
