@@ -1,6 +1,6 @@
 """Speed and memory measurements (never asserted in tests; figures go in the README).
 
-    python bench.py losses   # AAF vs cross-entropy vs a naive unfold layout
+    python bench.py losses   # AAF vs cross-entropy vs the plain reference (losses.affinity_field_reference)
     python bench.py losses --before /tmp/losses_before.py   # ... and beside another losses.py
     python bench.py train    # time per training step, CE vs Affinity vs AAF
     python bench.py eval     # the boundary metric over 1449 VOC-sized pairs
@@ -21,44 +21,10 @@ H100_BF16_PEAK = 989e12
 # bench.py losses
 # --------------------------------------------------------------------------------------------
 LOSS_CASES = {"VOC 336 crop": (8, 21, 42, 42), "Cityscapes 720 crop": (2, 19, 90, 90)}
-LOSS_METHODS = ("cross-entropy", "naive unfold affinity (3)", "AffinityFieldLoss (3)",
-                "naive unfold AAF (3,5,7)", "AdaptiveAffinityFieldLoss (3,5,7)")
-
-
-def naive_unfold_affinity(logits, labels, kernel_sizes, margin=3.0, weights=None):
-    """The yardstick: the layout public ports use (F.unfold of probabilities and one-hot labels
-    into [B, C, 8, h, w], masks as tensors, plain autograd). Correct here, but memory-hungry.
-    ``weights`` = (w_edge, w_nonedge) [C, K] turns it into AAF."""
-    import torch
-    import torch.nn.functional as F
-    B, C, h, w = logits.shape
-    prob = logits.float().softmax(1)
-    lab = labels.clone()
-    valid = lab < C
-    onehot = F.one_hot(lab.clamp(max=C - 1), C).permute(0, 3, 1, 2).float() * valid[:, None]
-    keep = [i for i in range(9) if i != 4]                     # drop the centre of the 3x3 stencil
-    total = prob.new_zeros(())
-    for k, size in enumerate(kernel_sizes):
-        s = (size - 1) // 2
-        unf = lambda t: F.unfold(t, 3, dilation=s, padding=s).view(B, t.shape[1], 9, h, w)[:, :, keep]
-        q = unf(prob)                                          # [B, C, 8, h, w] neighbours
-        oh_n = unf(onehot)
-        v_n = unf(valid[:, None].float())[:, 0] > 0            # [B, 8, h, w]; padding is invalid
-        pair_ok = (valid[:, None] & v_n)[:, None]              # [B, 1, 8, h, w]
-        p = prob[:, :, None]
-        qc, pc = q.clamp(1e-4, 1), p.clamp(1e-4, 1)
-        nqc, npc = (1 - q).clamp(1e-4, 1), (1 - p).clamp(1e-4, 1)
-        kl = qc * (qc / pc).log() + nqc * (nqc / npc).log()
-        edge = (onehot[:, :, None] != oh_n) & pair_ok
-        nonedge = ~edge & pair_ok
-        e_loss = (margin - kl).clamp(min=0)
-        if weights is not None:
-            cls = lab.clamp(max=C - 1)
-            e_loss = e_loss * weights[0][cls, k][:, None, None]
-            kl = kl * weights[1][cls, k][:, None, None]
-        total = total + (e_loss * edge).sum() / edge.sum().clamp(min=1) \
-            + (kl * nonedge).sum() / nonedge.sum().clamp(min=1)
-    return total
+# The yardstick rows run losses.affinity_field_reference, Eq. (7) / (10) written plainly (a
+# [B, C, 8, h, w] tensor per size, masks as tensors, plain autograd: the layout public ports use).
+LOSS_METHODS = ("cross-entropy", "reference affinity (3)", "AffinityFieldLoss (3)",
+                "reference AAF (3,5,7)", "AdaptiveAffinityFieldLoss (3,5,7)")
 
 
 def _load_losses(path: str):
@@ -104,14 +70,14 @@ def _loss_case(method: str, shape, device: str, repeats: int, mode: str, losses_
     labels = labels.repeat_interleave(6, 1).repeat_interleave(6, 2)[:, :h, :w].contiguous()
     labels[:, :2] = 255
     labels = labels.to(device)
-    lab_c = labels.masked_fill(labels >= C, C)
     aaf = losses.AdaptiveAffinityFieldLoss(C, (3, 5, 7)).to(device)
     affinity = losses.AffinityFieldLoss(C, (3,)).to(device)
     fns = {
         "cross-entropy": lambda: losses.unary_loss(logits, labels),
-        "naive unfold affinity (3)": lambda: naive_unfold_affinity(logits, lab_c, (3,)),
+        "reference affinity (3)": lambda: losses.affinity_field_reference(logits, labels, (3,)),
         "AffinityFieldLoss (3)": lambda: affinity(logits, labels),
-        "naive unfold AAF (3,5,7)": lambda: naive_unfold_affinity(logits, lab_c, (3, 5, 7), weights=aaf.weights()),
+        "reference AAF (3,5,7)": lambda: losses.affinity_field_reference(logits, labels, (3, 5, 7), 3.0, 255,
+                                                                         *aaf.weights()),
         "AdaptiveAffinityFieldLoss (3,5,7)": lambda: aaf(logits, labels),
     }
     fn = fns[method]
@@ -203,7 +169,7 @@ def bench_losses(args: argparse.Namespace) -> None:
     rows = []
     for method in LOSS_METHODS:
         rows.append((method, method, ""))
-        if args.before and not method.startswith("naive"):
+        if args.before and not method.startswith("reference"):
             rows.append((f"{method} [before]", method, args.before))
     device = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
     print(f"# bench.py losses  device={args.device} ({device})  torch {torch.__version__}  "

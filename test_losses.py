@@ -1303,3 +1303,189 @@ def test_affinity_losses_compile_fullgraph_equal_eager():
         assert_loss_close(a, float(b), tol=1e-6)
     for a, b in zip(got_g, ref_g):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7) and b.abs().max() > 0
+
+
+# =============================================================================================
+# losses.affinity_field_reference: the readable Eq. (7) / (10) equals the fused engine
+# =============================================================================================
+def _blocky_case(B, C, h, w, seed, block=3):
+    """float64 logits and blocky labels (edges and non-edges both common) with 255 and >= C."""
+    g = torch.Generator().manual_seed(seed)
+    logits = 3.0 * torch.randn(B, C, h, w, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, C, (B, -(-h // block), -(-w // block)), generator=g)
+    labels = labels.repeat_interleave(block, 1).repeat_interleave(block, 2)[:, :h, :w].contiguous()
+    labels[0, 0, :] = IGNORE                                            # an ignored border row
+    labels[B - 1, h // 2, w // 2] = C + 2                               # >= C: ignored
+    return logits, labels
+
+
+def _assert_same(got, ref, what, tol=1e-10):
+    """|got - ref| <= tol * max(1, |ref|) elementwise scale (float64 rounding is ~1e-16)."""
+    err = (got - ref).abs().max().item()
+    assert err <= tol * max(1.0, ref.abs().max().item()), f"{what}: max error {err:.3e}"
+
+
+@pytest.mark.parametrize("shape", [(8, 21, 42, 42), (2, 19, 90, 90), (2, 5, 7, 9), (3, 4, 1, 6), (1, 3, 5, 2)],
+                         ids=["voc-336", "cityscapes-720", "odd-7x9", "one-row", "narrow"])
+def test_fused_equals_reference(shape):
+    """AffinityFieldLoss (3) and (3, 5, 7) and AdaptiveAffinityFieldLoss (3, 5, 7) with uneven
+    weights against losses.affinity_field_reference: loss and gradients (logits, AAF weight logits)
+    in float64 to 1e-10, at the VOC and Cityscapes crops (stride 8) and on small odd shapes."""
+    B, C, h, w = shape
+    logits, labels = _blocky_case(B, C, h, w, seed=sum(shape))
+    for sizes in ((3,), (3, 5, 7)):
+        x = logits.clone().requires_grad_(True)
+        fused = losses.AffinityFieldLoss(C, kernel_sizes=sizes).double()(x, labels)
+        (g_fused,) = torch.autograd.grad(fused, x)
+        ref = losses.affinity_field_reference(x, labels, sizes)
+        (g_ref,) = torch.autograd.grad(ref, x)
+        _assert_same(fused, ref, f"affinity {sizes} loss")
+        _assert_same(g_fused, g_ref, f"affinity {sizes} grad")
+    if h * w > 1:
+        assert g_ref.abs().max() > 0 and fused > 0, "the case must exercise the loss"
+    aaf = losses.AdaptiveAffinityFieldLoss(C, kernel_sizes=(3, 5, 7)).double()
+    _set_aaf_logits(aaf, seed=B + C)
+    params = [x, aaf.edge_logits, aaf.nonedge_logits]
+    fused = aaf(x, labels)
+    ref = losses.affinity_field_reference(x, labels, (3, 5, 7), 3.0, IGNORE, *aaf.weights())
+    for a, b, name in zip(torch.autograd.grad(fused, params), torch.autograd.grad(ref, params),
+                          ("logits", "edge_logits", "nonedge_logits")):
+        _assert_same(a, b, f"AAF grad {name}")
+    _assert_same(fused, ref, "AAF loss")
+
+
+def test_reference_matches_loop_reference():
+    """The readable reference itself against the literal loops (Affinity and AAF, several sizes,
+    labels at twice the logits' size), so the fused == reference test compares with a known truth."""
+    logits, labels = make_case(seed=100)
+    big = upsample_labels_with_noise(labels, 2, C_)
+    for sizes in ((3,), (3, 5, 7)):
+        ref, ref_grad, _ = reference_with_grad(ref_affinity, logits, labels.tolist(), sizes)
+        x = logits.double().requires_grad_(True)
+        got = losses.affinity_field_reference(x, big, sizes)
+        got.backward()
+        assert_loss_close(got, ref, tol=1e-12)
+        assert_grad_close(x.grad, ref_grad, tol=1e-11)
+    aaf = losses.AdaptiveAffinityFieldLoss(C_, kernel_sizes=(3, 5)).double()
+    _set_aaf_logits(aaf, seed=101)
+    we, wn = _weights_by_loops(aaf.edge_logits), _weights_by_loops(aaf.nonedge_logits)
+    ref, _ = ref_affinity(logits.double().tolist(), labels.tolist(), (3, 5), w_edge=we, w_nonedge=wn)
+    assert_loss_close(losses.affinity_field_reference(logits.double(), labels, (3, 5), 3.0, IGNORE,
+                                                      *aaf.weights()), ref, tol=1e-12)
+
+
+# =============================================================================================
+# Binary (sigmoid) models: one-channel logits with num_classes=2 are the two channels (0, x)
+# =============================================================================================
+def _binary_case(seed=110, B=3, h=5, w=7):
+    g = torch.Generator().manual_seed(seed)
+    x = 3.0 * torch.randn(B, 1, h, w, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 2, (B, h, w), generator=g)
+    labels[:, 1:3, 2:5] = 1
+    labels[0, 0, :3] = IGNORE
+    labels[B - 1, h - 1, w - 1] = 2                                      # >= C: ignored
+    return x, labels
+
+
+def _two_class_fns(aaf_seed=111):
+    """name -> fn(logits, labels) for every loss that takes class logits, at 2 classes."""
+    aaf = losses.AdaptiveAffinityFieldLoss(2, kernel_sizes=(3, 5)).double()
+    _set_aaf_logits(aaf, seed=aaf_seed)
+    torch.manual_seed(aaf_seed)
+    adv = losses.AdversarialProjection(2, width=8).double()
+    return {
+        "unary": lambda x, y: losses.unary_loss(x, y),
+        "affinity": losses.AffinityFieldLoss(2, kernel_sizes=(3, 5)).double(),
+        "aaf": aaf,
+        "random": losses.RandomProjectionLoss(2).double(),
+        "gan_g": adv.generator_loss,
+        "gan_d": lambda x, y: adv.discriminator_loss(x, y) + 0 * x.sum(),   # reaches D only
+    }
+
+
+def test_binary_logits_equal_two_channel_logits():
+    """Every loss on one-channel logits x equals the same loss on the two channels (0, x): value,
+    and gradient of x = gradient of the second channel (float64). The unary term is also checked
+    against the sigmoid cross-entropy by hand (so (x, 0) instead of (0, x) would fail)."""
+    x, labels = _binary_case()
+    two = torch.cat([torch.zeros_like(x), x], 1)
+    for name, fn in _two_class_fns().items():
+        a = x.clone().requires_grad_(True)
+        b = two.clone().requires_grad_(True)
+        la, lb = fn(a, labels), fn(b, labels)
+        (ga,), (gb,) = torch.autograd.grad(la, a), torch.autograd.grad(lb, b)
+        assert la.dtype == torch.float64 and la.item() != 0, name
+        assert_loss_close(la, float(lb.detach()), tol=1e-12, what=name)
+        assert torch.allclose(ga, gb[:, 1:], rtol=0, atol=1e-13), name
+    valid = labels <= 1
+    ref = F.binary_cross_entropy_with_logits(x[:, 0][valid], labels[valid].double())
+    assert_loss_close(losses.unary_loss(x, labels), float(ref), tol=1e-12, what="sigmoid cross-entropy")
+    # the affinity loss on the binary model against the literal loops on (0, x)
+    ref, ref_grad, _ = reference_with_grad(ref_affinity, two, labels.tolist(), (3, 5))
+    loss, grad = module_with_grad(losses.AffinityFieldLoss(2, kernel_sizes=(3, 5)), x, labels)
+    assert_loss_close(loss, ref, tol=1e-12)
+    assert_grad_close(grad, ref_grad[:, 1:], tol=1e-11)
+
+
+def test_one_channel_logits_need_two_classes():
+    x, labels = _binary_case()
+    for loss in (losses.AffinityFieldLoss(3), losses.AdaptiveAffinityFieldLoss(3), losses.RandomProjectionLoss(3)):
+        with pytest.raises(ValueError, match=r"expected logits \[B, 3, h, w\], got \[3, 1, 5, 7\]"):
+            loss(x, labels)
+    with pytest.raises(ValueError, match=r"or \[B, 1, h, w\] for a binary model"):
+        losses.AffinityFieldLoss(2)(torch.zeros(3, 3, 5, 7), labels)
+
+
+# =============================================================================================
+# Full-resolution logits: stride= reads logits and labels at pixels (stride*i, stride*j)
+# =============================================================================================
+@pytest.mark.parametrize("size", [(48, 56), (43, 61)], ids=["multiple-of-8", "odd"])
+def test_stride_reads_logits_and_labels_at_the_grid(size):
+    """Each loss with stride=8 on full-resolution logits [B, C, H, W] and labels [B, H, W] equals
+    the loss on logits[..., ::8, ::8] and labels[:, ::8, ::8]; the gradient is that one at those
+    pixels and 0 elsewhere; counts() agree. Labels off the grid are random, so any other pick
+    (or an upsampling of the logits) would change the value."""
+    H, W = size
+    g = torch.Generator().manual_seed(120)
+    B, C = 2, 4
+    small, small_labels = _blocky_case(B, C, -(-H // 8), -(-W // 8), seed=121, block=2)
+    logits = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, C, (B, H, W), generator=g)
+    logits[..., ::8, ::8], labels[:, ::8, ::8] = small, small_labels
+    aaf_args = dict(num_classes=C, kernel_sizes=(3, 5))
+    adv = losses.AdversarialProjection(C, width=8, stride=8).double()
+    adv_grid = copy.deepcopy(adv)
+    adv_grid.stride = 1
+    pairs = {  # name: (full-resolution loss, the same loss at the grid)
+        "unary": (lambda x, y: losses.unary_loss(x, y, stride=8), lambda x, y: losses.unary_loss(x, y)),
+        "affinity": (losses.AffinityFieldLoss(C, stride=8), losses.AffinityFieldLoss(C)),
+        "aaf": (losses.AdaptiveAffinityFieldLoss(**aaf_args, stride=8), losses.AdaptiveAffinityFieldLoss(**aaf_args)),
+        "random": (losses.RandomProjectionLoss(C, stride=8), losses.RandomProjectionLoss(C)),
+        "emb": (losses.EmbeddingContrastiveLoss(stride=8), losses.EmbeddingContrastiveLoss()),
+        "gan_g": (adv.generator_loss, adv_grid.generator_loss),
+    }
+    _set_aaf_logits(pairs["aaf"][0], seed=122)
+    _set_aaf_logits(pairs["aaf"][1], seed=122)
+    for name, (full_fn, grid_fn) in pairs.items():
+        full_loss, full_grad = module_with_grad(full_fn, logits, labels)
+        grid_loss, grid_grad = module_with_grad(grid_fn, small, small_labels)
+        assert_loss_close(full_loss, float(grid_loss), tol=1e-12, what=name)
+        assert full_grad[..., ::8, ::8].equal(grid_grad) and grid_grad.abs().max() > 0, name
+        off_grid = full_grad.clone()
+        off_grid[..., ::8, ::8] = 0
+        assert off_grid.abs().max() == 0, name
+        if hasattr(full_fn, "counts"):
+            assert torch.equal(full_fn.counts(labels, (H, W)), grid_fn.counts(small_labels, small.shape[-2:])), name
+    assert int(losses.valid_count(labels, C, stride=8)) == int(losses.valid_count(small_labels, C))
+    # and the affinity loss at stride 8 against the literal loops on the grid
+    ref, _, _ = reference_with_grad(ref_affinity, small, small_labels.tolist(), (3,))
+    assert_loss_close(pairs["affinity"][0](logits, labels), ref, tol=1e-12)
+
+
+def test_stride_needs_labels_at_the_logits_size():
+    logits = torch.zeros(1, 3, 16, 16)
+    with pytest.raises(ValueError, match="stride=8 reads logits and labels of the same size, got logits 16x16 "
+                                         "and labels 2x2"):
+        losses.AffinityFieldLoss(3, stride=8)(logits, torch.zeros(1, 2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="stride must be a positive int"):
+        losses.AdaptiveAffinityFieldLoss(3, stride=0)
