@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
 import losses
 import model as model_lib
 
@@ -86,7 +87,7 @@ def _tiny_checkpoint(tmp_path: Path, arch: str = "fcn") -> tuple[Path, torch.nn.
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.1, 0.1)
     path = tmp_path / "model.pt"
-    model_lib.save_checkpoint({"model": net.state_dict(), "meta": net.meta}, path)
+    checkpoint.save_checkpoint({"model": net.state_dict(), "meta": net.meta}, path)
     return path, net.eval()
 
 
