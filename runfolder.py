@@ -8,6 +8,7 @@ TensorBoard events and the lock `.train.lock` that keeps a second train.py out w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -15,7 +16,7 @@ import random
 import shutil
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -391,16 +392,19 @@ def dump_rank_state(parts, out: Path, dist: distributed.Dist) -> None:
     torch.save(state, out / f"rank{dist.rank}.pt")
 
 
-def run_with_one_line_stop(run: Callable[[RunLock | None], dict], dist: distributed.Dist, out: Path,
-                           input_errors: tuple[type, ...] = (), rank_errors: tuple[type, ...] = ()) -> dict:
-    """`run(lock)` holding the folder's lock (rank 0, which writes the folder), with SIGTERM raised
-    as distributed.Terminated; a stop for a reason `failure_line` knows ends in one line
-    (SystemExit), from rank 0 alone when every rank meets it alike; anything else (a bug) keeps its
-    traceback. The process group and the lock are released on every way out."""
+@contextlib.contextmanager
+def one_line_stop(dist: distributed.Dist, out: Path, input_errors: tuple[type, ...] = (),
+                  rank_errors: tuple[type, ...] = ()) -> Iterator[RunLock | None]:
+    """`with one_line_stop(dist, out) as lock: train(...)`: the run holds the folder's lock (rank 0,
+    which writes the folder) and SIGTERM arrives as distributed.Terminated; a stop for a reason
+    `failure_line` knows ends in one line (SystemExit), from rank 0 alone when every rank meets it
+    alike; anything else (a bug) keeps its traceback. The process group and the lock are
+    released on every way out."""
     lock = RunLock(out) if dist.is_main else None
     previous_handler = signal.signal(signal.SIGTERM, distributed.raise_terminated)
+    message = None
     try:
-        return run(lock)
+        yield lock
     except BaseException as err:
         # From here on a SIGTERM (torchrun stopping the job after another rank died) must not cut
         # the report short: composing it reads last.pt, which takes a moment.
@@ -409,6 +413,7 @@ def run_with_one_line_stop(run: Callable[[RunLock | None], dict], dist: distribu
         if failure is None:  # a bug: the traceback stays
             raise
         message, every_rank = failure
+        message = message if dist.is_main or every_rank else 1
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the exit below must not be interrupted
         try:
@@ -418,4 +423,5 @@ def run_with_one_line_stop(run: Callable[[RunLock | None], dict], dist: distribu
         if lock is not None:
             lock.release()
         signal.signal(signal.SIGTERM, previous_handler)
-    raise SystemExit(message if dist.is_main or every_rank else 1)
+    if message is not None:
+        raise SystemExit(message)

@@ -789,9 +789,9 @@ def main(args: argparse.Namespace) -> dict:
     """
     args, info = resolve_args(args)
     dist, device = distributed.setup_distributed(args.device)
-    return runfolder.run_with_one_line_stop(lambda lock: train(args, info, dist, device, lock), dist, Path(args.out),
-                                            input_errors=(data.DatasetError, checkpoint.WeightsError),
-                                            rank_errors=(data.UnreadableSample,))
+    with runfolder.one_line_stop(dist, Path(args.out), input_errors=(data.DatasetError, checkpoint.WeightsError),
+                                 rank_errors=(data.UnreadableSample,)) as lock:
+        return train(args, info, dist, device, lock)
 
 if __name__ == "__main__":
     main(get_args_parser().parse_args())
