@@ -273,7 +273,7 @@ def bench_train(args: argparse.Namespace) -> None:
 
 
 def bench_eval(args: argparse.Namespace) -> None:
-    """Boundary metric (evaluate.boundary_stats) over 1449 VOC-sized synthetic pairs, all cores.
+    """Boundary metric (boundary.boundary_stats) over 1449 VOC-sized synthetic pairs, all cores.
 
     Pairs: 500x375, 21 classes; ground truth = background plus 1-3 object classes as smooth
     random blobs, with VOC's 255 band (5 px) along every class change; prediction = the clean
@@ -289,6 +289,7 @@ def bench_eval(args: argparse.Namespace) -> None:
 
     import numpy as np
 
+    import boundary
     import checks
     import evaluate
 
@@ -347,7 +348,7 @@ def bench_eval(args: argparse.Namespace) -> None:
             t0 = time.process_time()
             pred, gt = make_pair(index)
             t1 = time.process_time()
-            stats = evaluate.boundary_stats(pred, gt, num_classes)
+            stats = boundary.boundary_stats(pred, gt, num_classes)
             metric_time += time.process_time() - t1
             gen_time += t1 - t0
             counts += stats
@@ -370,9 +371,9 @@ def bench_eval(args: argparse.Namespace) -> None:
     gen_time = sum(part[1] for part in parts)
     metric_time = sum(part[2] for part in parts)
     class_images = sum(part[3] for part in parts)
-    recall, precision, f = evaluate.boundary_prf(counts)
+    recall, precision, f = boundary.boundary_prf(counts)
     print(f"boundary metric, {num_images} synthetic {width}x{height} pairs, {num_classes} classes, "
-          f"max_dist {evaluate.DEFAULT_MAX_DIST} (r = {evaluate.match_radius((height, width)):.2f} px), "
+          f"max_dist {boundary.DEFAULT_MAX_DIST} (r = {boundary.match_radius((height, width)):.2f} px), "
           f"{workers} worker processes")
     print(f"wall time {wall:.1f} s (generation included; limit 60 s; load average {load:.1f} at start on "
           f"{workers} cores)")
