@@ -19,6 +19,9 @@ What this stage does, top to bottom:
    split warns of declared classes that none of its labels holds.
 6. The synthetic street-scene set (the project's default, no files): scenes drawn by
    synthetic.py, deterministic per (split seed, index); here they get split seeds and lengths.
+7. The training stream of train.py: each torchrun rank's share of the crops in an order that is a
+   function of (seed, epoch, index), so a resumed run sees exactly the crops an uninterrupted one
+   would; one DataLoader with persistent workers for the whole run.
 
 Every sample is a dict: `image` float32 [3, H, W] normalised with the ImageNet mean/std,
 `label` int64 [H, W] (255 = ignore), `instance` int64 [H, W] where the split has instance maps
@@ -630,7 +633,7 @@ def build_dataset(
 
 
 # ---------------------------------------------------------------------------------------------
-# 8. The training stream: each rank's share of the crops, in an order a resume can repeat
+# 7. The training stream: each rank's share of the crops, in an order a resume can repeat
 # ---------------------------------------------------------------------------------------------
 
 
