@@ -1,8 +1,8 @@
 """Checkpoints and result files: written atomically, plain types, never a non-finite value,
 checked (CRC-32, finiteness) when read back.
 
-Support module (README, Reliability: "Checkpoints"). Every file this project replaces (a
-checkpoint, `log.jsonl`, a results JSON) goes through `atomic_write`, so a reader always sees the
+Support module (README, Reliability: "Checkpoints"). Every file the scripts replace (a
+checkpoint, `log.jsonl`, `args.json`, evaluate.py's results JSON) goes through `atomic_write`, so a reader always sees the
 complete old file or the complete new one. `read_checkpoint` is the file half of loading;
 model.load_checkpoint rebuilds the network from what it returns. Imports nothing of the project.
 """
@@ -40,7 +40,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     The bytes go to a temporary file `.<name>.<random>.tmp` in the same folder (same file system,
     so os.replace is an atomic rename), are flushed and fsynced, then renamed over `path`. On any
     failure, including KeyboardInterrupt, the temporary file is removed and `path` is untouched;
-    only a kill -9 can leave one behind (train.py removes them on its next start). The file gets
+    only a kill -9 can leave one behind (runfolder.prepare_run_folder removes those of a run folder when
+    train.py starts there again). The file gets
     the usual mode, 0666 minus the umask, as open() would give it (tempfile.mkstemp gives 0600).
     """
     path = Path(path)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,7 +41,7 @@ def usable_cpus() -> int:
 def empty_path_problems(flags: dict[str, str | Sequence[str] | None]) -> list[str]:
     """'--json is empty' for each flag (name -> value, or list of values) given as "": Path("")
     is the current folder, so an empty value (an unset shell variable, say) would read or write
-    there, or fall back to the default, instead of failing (shared by infer.py and plot.py)."""
+    there, or fall back to the default, instead of failing (shared by every script)."""
     problems = []
     for flag, value in flags.items():
         values = [value] if isinstance(value, str) else list(value or ())
@@ -55,7 +54,7 @@ def output_path_problem(path: str | os.PathLike, flag: str, folder: bool) -> str
     """Why `path` cannot become an output folder (`folder=True`) or file, or None; checked before
     any work, so that a long run does not end in a traceback at its first write. A folder must not
     be an existing file, a file not an existing folder, and the nearest existing path above it
-    must be a folder (`notes.txt/out` cannot be created). Shared by infer.py and plot.py."""
+    must be a folder (`notes.txt/out` cannot be created). Shared by every script."""
     path = Path(path)
     if folder and path.exists() and not path.is_dir():
         return f"{flag} {path} is a file; expected a folder (it is created if missing)"
@@ -125,19 +124,16 @@ def given_value_problems(args: argparse.Namespace) -> list[str]:
     return problems
 
 
-def check_batch_split(args: argparse.Namespace, dist: Any, device: torch.device) -> None:
-    """The global batch must split evenly over processes and micro-batches, and PSPNet's pyramid
-    BatchNorm needs two images per BN call."""
-    if args.amp and device.type != "cuda" and dist.is_main:
-        print("train.py: --amp is bf16 autocast on GPU; running in float32 on CPU", file=sys.stderr)
+def batch_split_problem(args: argparse.Namespace, dist: Any, device: torch.device) -> str | None:
+    """Why train.py's global batch cannot run here (None: it can): it must split evenly over the
+    processes and the micro-batches, and PSPNet's pyramid BatchNorm needs two images per BN call."""
     if args.batch_size % dist.world_size:
-        raise SystemExit(f"train.py: --batch-size {args.batch_size} (global) is not divisible by the "
-                         f"{dist.world_size} processes")
+        return f"--batch-size {args.batch_size} (global) is not divisible by the {dist.world_size} processes"
     local_batch = args.batch_size // dist.world_size
     if local_batch % args.accum_steps:
         share = f" ({local_batch} per process on {dist.world_size})" if dist.enabled else ""
-        raise SystemExit(f"train.py: --batch-size {args.batch_size}{share} does not split into "
-                         f"--accum-steps {args.accum_steps} equal micro-batches")
+        return (f"--batch-size {args.batch_size}{share} does not split into --accum-steps {args.accum_steps} "
+                "equal micro-batches")
     # PSPNet's 1x1 pyramid bin is BatchNorm over one value per image: it needs two images per
     # BN call, i.e. per process and micro-batch unless SyncBatchNorm (GPU) pools the micro-batches
     # of every process.
@@ -146,7 +142,7 @@ def check_batch_split(args: argparse.Namespace, dist: Any, device: torch.device)
         per = "micro-batch" if args.accum_steps > 1 else "batch"
         if dist.enabled:
             per += " over all processes (SyncBatchNorm)" if device.type == "cuda" else " per process"
-        raise SystemExit(f"train.py: PSPNet's BatchNorm needs at least 2 images per {per} "
-                         f"(--batch-size {args.batch_size}"
-                         f"{f' in {args.accum_steps} micro-batches' if args.accum_steps > 1 else ''} "
-                         f"on {dist.world_size} {device.type} process(es))")
+        return (f"PSPNet's BatchNorm needs at least 2 images per {per} (--batch-size {args.batch_size}"
+                f"{f' in {args.accum_steps} micro-batches' if args.accum_steps > 1 else ''} "
+                f"on {dist.world_size} {device.type} process(es))")
+    return None

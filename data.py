@@ -665,7 +665,7 @@ class EpochSampler(Sampler):
 class EpochDataset(Dataset):
     """Item (epoch, index) of a training set: the sample of `index` with the augmentation of `epoch`.
 
-    data.py makes the augmentation a function of (seed, epoch, index) once set_epoch(epoch) is
+    SegmentationDataset (section 3) makes the augmentation a function of (seed, epoch, index) once set_epoch(epoch) is
     called; here each worker's copy of the data set is told the epoch of every item it loads, so
     results do not depend on the number of workers or on the workers outliving an epoch.
     A data set error (a corrupt image) is handed back as {"error": message} instead of being
@@ -711,15 +711,19 @@ def training_batches(dataset: SegmentationDataset, args: argparse.Namespace, dis
     """
     local_batch = args.batch_size // dist.world_size
     sampler = EpochSampler(len(dataset), local_batch, dist, args.seed, start_step)
-    if sampler.per_epoch == 0:
-        raise SystemExit(f"train.py: {len(dataset)} training samples cannot fill one global batch of "
-                         f"{args.batch_size}")
+    if sampler.per_epoch == 0:  # checked now, not at the first batch: before the run folder is touched
+        raise DatasetError(f"{len(dataset)} training samples cannot fill one global batch of {args.batch_size}")
     workers = args.workers
     # Own generator: creating a loader must not consume the global RNG (it differs on resume).
     loader = DataLoader(EpochDataset(dataset), batch_size=local_batch, sampler=sampler, num_workers=workers,
                         collate_fn=collate_or_error, pin_memory=pin_memory, persistent_workers=workers > 0,
                         prefetch_factor=2 if workers > 0 else None,
                         generator=torch.Generator().manual_seed(args.seed))
+    return checked_batches(loader)
+
+
+def checked_batches(loader: DataLoader) -> Iterator[dict]:
+    """The loader's batches, endlessly; a sample a worker could not read is UnreadableSample."""
     batches = iter(loader)
     try:
         while True:

@@ -654,7 +654,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     print(format_results(results))
     try:
         checkpoint.write_json(results, json_path)
-    except OSError as error:  # model.WriteError, e.g. a full disk: the file of that name is left as it was
+    except OSError as error:  # checkpoint.WriteError, e.g. a full disk: the file of that name is left as it was
         raise SystemExit(f"evaluate.py: {error}; the results are printed above") from None
     print(f"\nresults written to {json_path}")
     return results
@@ -687,17 +687,17 @@ def check_outputs(args: argparse.Namespace, json_path: Path, dataset, dataset_na
 def print_kernels(args: argparse.Namespace) -> dict[str, Any]:
     """`--metric kernels`: the learned edge / non-edge field size per class (paper Fig. 3)."""
     if args.ckpt is None:
-        raise SystemExit("--metric kernels needs --ckpt (an AAF checkpoint)")
+        raise SystemExit("evaluate.py: --metric kernels needs --ckpt (an AAF checkpoint)")
     import model as model_lib  # checkpoint loading (one-line errors for missing or corrupt files)
 
     try:
         _, ckpt = model_lib.load_checkpoint(args.ckpt)
     except (FileNotFoundError, ValueError) as error:  # the message names the file
-        raise SystemExit(str(error)) from None
+        raise SystemExit(f"evaluate.py: {error}") from None
     try:
         edge, nonedge = kernel_sizes_of_checkpoint(ckpt)
     except ValueError as error:
-        raise SystemExit(f"{args.ckpt}: {error}") from None
+        raise SystemExit(f"evaluate.py: {args.ckpt}: {error}") from None
     names = ckpt["meta"].get("class_names") or [str(c) for c in range(len(edge))]
     print(f"learned affinity field size per class, sum_k w[c,k] * k over k in {list(ckpt['meta']['kernel_sizes'])}"
           " (paper Fig. 3)")

@@ -183,7 +183,7 @@ def predict(model: torch.nn.Module, image: torch.Tensor, crop_size: int | None, 
                     total = probs if total is None else total + probs
                     passes += 1
     finally:
-        model.train(was_training)  # leave the caller's model as it was (train.py evaluates mid-run)
+        model.train(was_training)  # leave the caller's model as it was (train.py evaluates the model it trained)
     return total / passes
 
 
@@ -402,6 +402,22 @@ def check_outputs(images: list[Path], outputs: list[Path]) -> None:
         seen[resolved] = output
 
 
+def progress_line(done: int, total: int, start: float) -> str:
+    """'[12/1449] 3.1 img/s, elapsed 0:04, ETA 7:43'."""
+    elapsed = time.perf_counter() - start
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = (total - done) / rate if rate > 0 else math.nan
+
+    def clock(seconds: float) -> str:
+        if math.isnan(seconds):
+            return "?"
+        minutes, secs = divmod(int(round(seconds)), 60)
+        hours, minutes = divmod(minutes, 60)
+        return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+    return f"[{done}/{total}] {rate:.2f} img/s, elapsed {clock(elapsed)}, ETA {clock(eta)}"
+
+
 def main(args: argparse.Namespace) -> None:
     check_paths(args)
     model, ckpt, dataset_name, info = load_for_inference(args.ckpt, args.dataset, args.device)
@@ -474,19 +490,3 @@ if __name__ == "__main__":
         main(get_args_parser().parse_args())
     except data.DatasetError as error:  # an unreadable image: one line, no traceback
         raise SystemExit(f"infer.py: {error}") from None
-
-
-def progress_line(done: int, total: int, start: float) -> str:
-    """'[12/1449] 3.1 img/s, elapsed 0:04, ETA 7:43'."""
-    elapsed = time.perf_counter() - start
-    rate = done / elapsed if elapsed > 0 else 0.0
-    eta = (total - done) / rate if rate > 0 else math.nan
-
-    def clock(seconds: float) -> str:
-        if math.isnan(seconds):
-            return "?"
-        minutes, secs = divmod(int(round(seconds)), 60)
-        hours, minutes = divmod(minutes, 60)
-        return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-    return f"[{done}/{total}] {rate:.2f} img/s, elapsed {clock(elapsed)}, ETA {clock(eta)}"

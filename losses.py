@@ -10,6 +10,8 @@ this file; the fused engine behind the affinity losses is the appendix at the bo
 - ``affinity_field_reference``   Eqs. (7), (10) the same in ~30 plain lines (plain autograd)
 - ``AdaptiveAffinityFieldLoss``  Eqs. (8)-(10) adaptive kernel sizes learnt by a minimax game (AAF)
 - ``EmbeddingContrastiveLoss``   "Emb." baseline: Chopra et al.'s contrastive loss on features
+- helpers: ``valid_count`` (the unary mean's denominator, for accumulation), ``downsample_labels``
+  (labels picked at the logits' grid), ``stencil`` (the 8 neighbour offsets of a k x k field)
 
 Every loss takes ``logits [B, C, h, w]`` at output stride 8 and integer ``labels`` either
 ``[B, h, w]`` or ``[B, s*h, s*w]``; a larger label map is reduced by picking pixel (s*i, s*j),
@@ -27,8 +29,8 @@ Gradient accumulation: ``count=`` / ``counts=`` (``valid_count`` / ``loss.counts
 the micro-batches) divide each micro-batch's mean by the whole batch's, so the micro-batch losses add up exactly.
 Under torch.autocast the losses still compute in float32 (autocast is switched off inside them).
 
-Training schedule (not in this file): the official code multiplies the whole affinity/AAF term
-by 10^(-t/T) (t the step, T the total steps); that decay lives in train.py.
+Training objective (not in this file), Eq. (3): L_unary + lambda * L_pairwise; the official code
+also multiplies the whole affinity/AAF term by 10^(-t/T) (t the step, T the total steps); that decay lives in train.py.
 
 This file depends on torch alone (tested with torch 2.15) so that it can be copied into other projects. The
 hand-written backwards are first-order only: a double backward (create_graph=True) through them is
@@ -43,6 +45,10 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+__all__ = ["unary_loss", "RandomProjectionLoss", "AdversarialProjection", "stencil", "AffinityFieldLoss",
+           "affinity_field_reference", "AdaptiveAffinityFieldLoss", "EmbeddingContrastiveLoss", "valid_count",
+           "downsample_labels", "KL_CLIP", "OUTPUT_STRIDE"]
 
 # The official code clips p, q, 1-p and 1-q to [1e-4, 1] before the KL divergence.
 KL_CLIP = 1e-4
@@ -264,8 +270,9 @@ def affinity_field_reference(logits: torch.Tensor, labels: torch.Tensor, kernel_
                              w_nonedge: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. (7) (Eq. (10) with ``w_edge``, ``w_nonedge``) in the paper's variables, plain autograd.
 
-    ``AffinityFieldLoss(C, kernel_sizes, margin)`` without ``w_*``; ``AdaptiveAffinityFieldLoss``
-    with ``w_edge, w_nonedge = aaf.weights()``: the [C, K] weights on the simplex (the softmax
+    Without ``w_*`` it equals ``AffinityFieldLoss(C, kernel_sizes, margin)`` on C-channel logits
+    (stride 1, both lambdas 1); with ``w_edge, w_nonedge = aaf.weights()`` it equals
+    ``AdaptiveAffinityFieldLoss``: the [C, K] weights on the simplex (the softmax
     of the module's logits over the sizes), not the logits. Slow and memory-hungry (a
     [B, C, 8, h, w] tensor per size): the yardstick of tests and bench.py, not for training.
     """
@@ -485,7 +492,7 @@ def _class_logits(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
 # labels picked at those pixels (docs/protocol.md §1). Picking logits and labels at (8i, 8j) puts
 # a full-resolution model on exactly that grid: the paper's loss, at 1/64 of the cost. (Every pixel
 # a centre, with neighbours 8 pixels apart, is the other reading: kernel_sizes=(17,) on the full map,
-# 64 times the elements; the README says so.)
+# 64 times the elements; the README's "Using AAF in your own project" says so.)
 def _check_stride(stride: int) -> int:
     if not isinstance(stride, int) or stride < 1:
         raise ValueError(f"stride must be a positive int, got {stride!r}")
@@ -918,12 +925,3 @@ class _AffinityFieldSums(torch.autograd.Function):
         pairs = _pairs(lab, ctx.sizes, prob.shape[1])
         _, grad = _eq7(prob, pairs, ctx.sizes, ctx.margin, torch.stack([g_edge, g_nonedge]))
         return grad, None, None, None
-
-
-def affinity_field_sums(logits: torch.Tensor, labels: torch.Tensor, kernel_sizes: Sequence[int],
-                        margin: float, ignore_index: int = 255):
-    """Per-size, per-centre-class sums and counts of Eq. (7); see ``_AffinityFieldSums``."""
-    logits = _as_float(logits)
-    lab = _labels_at(labels, logits, ignore_index)
-    prob = logits.softmax(dim=1)                                   # [B, C, h, w]
-    return _AffinityFieldSums.apply(prob, lab, tuple(kernel_sizes), float(margin))

@@ -324,7 +324,7 @@ def failure_line(err: BaseException, dist: distributed.Dist, out: Path, input_er
 
 
 def training_state(parts, args: argparse.Namespace, info, step: int,
-               device: torch.device, world_size: int, train_size: int | None = None) -> dict:
+                   device: torch.device, world_size: int, train_size: int | None = None) -> dict:
     """The layout model.load_checkpoint reads, plain types only (weights_only=True loads it)."""
     proj, key = parts.projection, ADVERSARY_KEYS.get(args.loss)
     return {

@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-import data
 import evaluate
 import infer
 import train

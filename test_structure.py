@@ -131,3 +131,15 @@ def test_stage_files_keep_their_size():
                 if length > FUNCTION_LIMIT:
                     problems.append(f"{path.name}:{node.lineno} {node.name}() has {length} lines")
     assert not problems, "; ".join(problems)
+
+
+def test_nothing_is_defined_after_the_main_guard():
+    """`python X.py` runs main() at the `if __name__ == "__main__":` line: a function defined below
+    it does not exist yet then (importing the module, as the tests do, would not notice)."""
+    late = []
+    for name, path in modules().items():
+        body = ast.parse(path.read_text()).body
+        guards = [i for i, node in enumerate(body) if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)]
+        if guards:
+            late += [f"{path.name}: {node.name}" for node in body[guards[0] + 1:] if hasattr(node, "name")]
+    assert not late, f"defined after the __main__ guard: {late}"

@@ -4,7 +4,7 @@ One iteration, for a crop batch `x [B, 3, H, W]` with labels `y [B, H, W]`:
 
     logits = model(x)                                   # [B, C, H/8, W/8], never upsampled
     y8     = downsample_labels(y, logits.shape[-2:])    # nearest pick of pixel (8i, 8j)
-    loss   = CE(logits, y8) + lambda * 10^(-t/T) * projection(logits, y8)
+    loss   = CE(logits, y8) + lambda * 10^(-t/T) * projection(logits, y8)   # Eq. (3), Eqs. (1)-(2)
 
 - Poly learning rate per iteration, base * (1 - t/T)^0.9; SGD momentum 0.9, weight decay 5e-4 on
   conv weights only; the head (PSP module and classifier) at 10x the base rate.
@@ -23,10 +23,8 @@ One iteration, for a crop batch `x [B, 3, H, W]` with labels `y [B, H, W]`:
 - Multi-GPU with torchrun (env ranks, DDP, SyncBatchNorm on GPU, DistributedSampler); rank 0
   alone logs and writes. Checkpoints are plain types written atomically; `--resume` continues
   bit-exactly on CPU (data order and augmentation are functions of (seed, epoch, index)).
-- No host read-back in the loop: finiteness of the loss terms, gradients, parameters, BatchNorm
-  statistics and optimizer state is reduced on the device every iteration (`finite.FiniteGuard`) and
-  read at log intervals and before every checkpoint write, so a GPU queue never drains; a
-  checkpoint is only written when everything in it is finite.
+- No host read-back in the loop: finite.FiniteGuard watches on the device and is read at log
+  intervals and before every checkpoint write; runfolder.py keeps the run folder safe.
 
     python train.py                  # demo: synthetic data, tiny PSPNet, CPU, then val mIoU
     torchrun --nproc_per_node=4 train.py --dataset voc --data-root data/VOCdevkit --loss aaf --amp
@@ -40,6 +38,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -65,10 +64,9 @@ LOSSES = ("ce", "affinity", "aaf", "random", "gan", "embedding")
 SMALL_LAMBDA_LOSSES = {"random": 0.01, "gan": 0.01}
 DEFAULT_MARGIN = 3.0  # docs/protocol.md §6: m = 3.0 everywhere
 # Why --loss gan cannot accumulate (resolve_args refuses it; train_step too, if called directly).
-GAN_ACCUM_REFUSAL = ("--loss gan cannot use --accum-steps > 1: its alternating step updates the discriminator "
-                     "on the whole batch's predictions before the network is scored by the updated "
-                     "discriminator, so every micro-batch's graph would have to be kept, which is the "
-                     "memory accumulation saves")
+GAN_ACCUM_REFUSAL = ("--loss gan cannot use --accum-steps > 1: its alternating step updates the discriminator on the "
+                     "whole batch's predictions before the network is scored by the updated discriminator, so every "
+                     "micro-batch's graph would have to be kept, which is the memory accumulation saves")
 TENSORBOARD_IMAGES = 3  # validation images shown after an evaluation (--tensorboard)
 
 
@@ -102,8 +100,7 @@ class Parts:
     projection: nn.Module | None          # the loss module (AAF weights / discriminator inside)
     optimizer: torch.optim.Optimizer
     projection_optimizer: torch.optim.Optimizer | None  # AAF weights (ascent) or discriminator
-    # What train_step calls: `model`, `LossTerms(projection)` and the discriminator loss, or
-    # their torch.compile'd versions (--compile).
+    # What train_step calls: the model, LossTerms and D's loss, or their torch.compile'd versions.
     forward: Callable
     loss_terms: Callable
     disc_loss: Callable | None            # the GAN's discriminator loss (Eq. 6)
@@ -127,7 +124,7 @@ class LossTerms(nn.Module):
         """The denominator of every term's mean, summed over the micro-batches' labels `smalls`
         (each [b, h, w] at the logits' size): {"ce": valid pixels, <--loss name>: the projection's
         counts (0-d, or [2, K] edge / non-edge elements per field size)}; all int64 on the device."""
-        if self.loss == "gan":  # D's alternating step cannot be split (train.py refuses it up front)
+        if self.loss == "gan":  # D's alternating step cannot be split (resolve_args refuses it up front)
             raise ValueError(GAN_ACCUM_REFUSAL)
         size = tuple(smalls[0].shape[-2:])
         totals = {"ce": sum(losses.valid_count(small, self.num_classes) for small in smalls)}
@@ -262,7 +259,7 @@ def train_step(parts: Parts, images: torch.Tensor, labels: torch.Tensor, step: i
     rank's loss terms as detached 0-d tensors on the device (never read back here, so a GPU
     queue keeps running): `ce`, the projection's raw (unweighted) value under its --loss name,
     `total` (what the network minimises) and, for the GAN, `disc`. `guard` (finite.FiniteGuard)
-    records what became non-finite; train.py reads it at log intervals and before saving.
+    records what became non-finite; train() reads it at log intervals and before saving.
 
     `--accum-steps N` > 1: the batch runs as N micro-batches of B / N (forward and backward each,
     so that only one micro-batch's activations are alive; gradients add up in .grad), then the
@@ -340,6 +337,7 @@ def micro_batch_terms(parts: Parts, images: torch.Tensor, labels: torch.Tensor, 
     disc = discriminator_step(parts, logits, small, amp, dist) if args.loss == "gan" else None
     with amp:
         terms = parts.loss_terms(logits, small, features, counts=counts)
+    # Eq. (3): L_unary + lambda * L_pairwise, lambda here times the official code's 10^(-t/T).
     total = terms["ce"] + weight * terms[args.loss] if args.loss != "ce" else terms["ce"]
     if disc is not None:
         terms = {"ce": terms["ce"], "disc": disc, "gan": terms["gan"]}
@@ -408,10 +406,14 @@ def train(args: argparse.Namespace, info: data.DatasetInfo, dist: distributed.Di
         if done % args.save_every == 0 and done < args.iters:
             stop_if_not_finite(run, dist)  # a checkpoint only ever holds finite values
             if dist.is_main:
-                checkpoint.save_checkpoint(runfolder.training_state(run.parts, args, info, done, device, dist.world_size,
-                                                          len(run.train_set)), run.out / "last.pt")
+                state = runfolder.training_state(run.parts, args, info, done, device, dist.world_size, len(run.train_set))
+                checkpoint.save_checkpoint(state, run.out / "last.pt")
     run.batches.close()  # ends the loader and its worker processes; the last iteration was checked (logged)
-    return finish_run(run, args, info, dist, device)
+    try:
+        return finish_run(run, args, info, dist, device)
+    finally:
+        if run.writer is not None:  # TensorBoard events of this start, flushed and closed
+            run.writer.close()
 
 
 def stop_if_not_finite(run: Run, dist: distributed.Dist) -> None:
@@ -426,11 +428,17 @@ def start_run(args: argparse.Namespace, info: data.DatasetInfo, dist: distribute
               lock: runfolder.RunLock | None) -> Run:
     """Everything before the first iteration: the batch split, the run folder's verdict, seeds,
     the training set, --resume / --init, the network and optimizers, the log and the loader."""
-    checks.check_batch_split(args, dist, device)
+    if args.amp and device.type != "cuda" and dist.is_main:
+        print("train.py: --amp is bf16 autocast on GPU; running in float32 on CPU", file=sys.stderr)
+    problem = checks.batch_split_problem(args, dist, device)
+    if problem:
+        raise SystemExit(f"train.py: {problem}")
     out = Path(args.out)
     # Never destroy a run: rank 0, holding the folder's lock, looks at the folder; every rank
     # follows its verdict.
-    verdict = ((lock.refusal if lock is not None else None) or runfolder.check_run_folder(args, out)) if dist.is_main else None
+    verdict = None
+    if dist.is_main:
+        verdict = (lock.refusal if lock is not None else None) or runfolder.check_run_folder(args, out)
     refusal = distributed.rank0_decides(verdict, dist, device)
     if refusal:
         raise SystemExit(refusal if dist.is_main else 1)
@@ -443,7 +451,6 @@ def start_run(args: argparse.Namespace, info: data.DatasetInfo, dist: distribute
     train_set = data.build_dataset(args.dataset, args.data_root, args.train_split, train=True,
                                    crop_size=args.crop_size, scale_range=info.scale_range, seed=args.seed,
                                    length=args.train_length)
-    # Checkpoints: model.load_checkpoint's errors (missing, corrupt, other classes) are one line (main).
     resume = model_lib.load_checkpoint(args.resume, num_classes=info.num_classes)[1] if args.resume else None
     if resume is not None:
         runfolder.check_resume_args(args, resume, dist.world_size, dist.is_main, train_size=len(train_set))
@@ -453,6 +460,7 @@ def start_run(args: argparse.Namespace, info: data.DatasetInfo, dist: distribute
     except model_lib.ImageNetWeightsMissing as err:  # worded for this script's flag
         raise SystemExit(f"train.py: {err.remedy('--pretrained <file>, or --pretrained none')}") from None
     start = runfolder.restore(parts, resume, args, device) if resume is not None else 0
+    batches = data.training_batches(train_set, args, dist, start, pin_memory=device.type == "cuda")
     if dist.is_main:
         runfolder.prepare_run_folder(args, out, start, dist.world_size)
         print(f"train.py: {args.dataset} ({len(train_set)} {args.train_split} images), {args.arch}-"
@@ -463,7 +471,6 @@ def start_run(args: argparse.Namespace, info: data.DatasetInfo, dist: distribute
               f"{', compiled' if args.compile else ''}, from step {start} -> {out}", flush=True)
     writer = runfolder.open_tensorboard(out, start) if args.tensorboard and dist.is_main else None  # beside log.jsonl
     parts.model.train()
-    batches = data.training_batches(train_set, args, dist, start, pin_memory=device.type == "cuda")
     end = args.iters if args.stop_after is None else min(args.iters, args.stop_after)
     return Run(parts, train_set, batches, out, start, end, finite.FiniteGuard(device), writer)
 
@@ -476,13 +483,11 @@ def finish_run(run: Run, args: argparse.Namespace, info: data.DatasetInfo, dist:
     if args.dump_rank_state:
         runfolder.dump_rank_state(parts, out, dist)
     if end < args.iters:
-        if run.writer is not None:
-            run.writer.close()
         return {"out": str(out), "step": end, "checkpoint": None, "miou": None}
     final = out / "model.pt"
     if dist.is_main:  # the last log line above already showed the AAF field sizes
-        checkpoint.save_checkpoint(runfolder.training_state(parts, args, info, end, device, dist.world_size,
-                                                  len(run.train_set)), final)
+        state = runfolder.training_state(parts, args, info, end, device, dist.world_size, len(run.train_set))
+        checkpoint.save_checkpoint(state, final)
         print(f"train.py: wrote {final} (step {end})", flush=True)  # before the evaluation, which may fail
     root = f" --data-root {args.data_root}" if args.data_root else ""
     score_cmd = f"python evaluate.py --ckpt {final} --metric all{root}"
@@ -496,8 +501,6 @@ def finish_run(run: Run, args: argparse.Namespace, info: data.DatasetInfo, dist:
             err.finished_model = (f"the training had finished: {final} (step {end}) is complete; "
                                   f"score it with {score_cmd}")
         raise
-    if run.writer is not None:
-        run.writer.close()
     if dist.is_main:
         print(f"  evaluate it with: {score_cmd}", flush=True)
         if args.loss == "aaf":
