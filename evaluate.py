@@ -5,6 +5,7 @@
     python evaluate.py --pred-dir preds/ --dataset voc --data-root VOCdevkit --metric all
     python evaluate.py --ckpt aaf.pt --metric kernels                    # paper Fig. 3
     python evaluate.py --ckpt ce.pt --metric all --crf                   # + dense CRF (crf.py, Table 6)
+    torchrun --nproc_per_node=4 evaluate.py --ckpt model.pt --metric all --amp   # 4 GPUs, bf16 network
 
 Metrics (docs/metrics.md, whose section numbers the comments below cite):
 1. mIoU: one confusion matrix summed over the data set, IoU_c = TP / (TP + FP + FN).
@@ -15,7 +16,9 @@ Metrics (docs/metrics.md, whose section numbers the comments below cite):
    0.75% of the image diagonal.
 
 Predictions come from infer.predict (sliding window, scales, flip; docs/protocol.md §7) or from saved label
-PNGs (`--pred-dir`), so that the outputs of any method can be scored the same way.
+PNGs (`--pred-dir`), so that the outputs of any method can be scored the same way. Under torchrun
+each process predicts and scores images rank, rank + N, ...; the raw counts are summed and rank 0
+prints and writes the same results file as one process.
 """
 from __future__ import annotations
 
@@ -37,9 +40,12 @@ import checkpoint
 import checks
 import crf
 import data
+import distributed
 import infer
 
 METRICS = ("miou", "instance", "boundary")
+# Errors of the input (files, flags, data): one line, never a traceback (also from a torchrun rank).
+INPUT_ERRORS = (FileNotFoundError, ValueError, data.DatasetError)
 
 # Cityscapes classes that have instance ids (docs/metrics.md §2): the 8 "thing" train ids. Caravan and
 # trailer also carry instances but map to void (255), so they never count.
@@ -309,28 +315,40 @@ def evaluate_model(model: torch.nn.Module, dataset, dataset_name: str, metrics: 
                    crop_size: int | None = None, stride: int | None = None, scales: Sequence[float] = (1.0,),
                    flip: bool = False, max_dist: float = boundary.DEFAULT_MAX_DIST, device: str | torch.device = "cpu",
                    workers: int = 0, save_pred: str | os.PathLike | None = None,
-                   progress: bool = True, crf_params: crf.CRFParams | None = None) -> dict[str, Any]:
+                   progress: bool = True, crf_params: crf.CRFParams | None = None,
+                   window_batch: int | None = None, amp: bool = False,
+                   dist: distributed.Dist = distributed.Dist()) -> dict[str, Any]:
     """Predict every image of `dataset` (full images, train=False) and score the predictions.
 
     crop_size / stride default (None) to the data set's evaluation window (data.DatasetInfo.eval_crop,
     eval_stride). `workers` processes compute the boundary metric while the model predicts.
     `crf_params`: refine each image's probabilities with the dense CRF (crf.py) before the argmax.
+    `window_batch`, `amp`: see infer.predict. Under torchrun (`dist`) each rank predicts its share
+    (distributed.shard) and the counts are summed over the ranks, so every rank returns the
+    results of the whole data set; a rank that fails stops every rank (distributed.JobFailed).
     Returns the `summarize` dict: "iou"/"miou"/"pixel_acc", "instance_iou"/"instance_miou",
     "boundary" {"recall", "precision", "f", "mean_*"} for the requested metrics, and "timing":
-    seconds per image of the network (all windows, scales, flips) and of the CRF.
+    seconds per image of the network (all windows, scales, flips; per process) and of the CRF.
     """
     info = getattr(dataset, "info", None) or data.dataset_info(dataset_name)  # a folder set carries its own
     crop_size, stride = infer.resolve_window(crop_size, stride, info)
+    window_batch = infer.default_window_batch(device) if window_batch is None else window_batch
     model = model.to(device)
     seconds = {"network": 0.0, "crf": 0.0}
+    share = distributed.shard(len(dataset), dist)
 
     def pairs() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
-        for index in range(len(dataset)):
+        for index in share:
             sample = dataset[index]
             gt, instances = sample_arrays(sample)
             image = torch.as_tensor(sample["image"]).to(device)
             start = time.perf_counter()
-            probs = infer.predict(model, image, crop_size, stride, scales=scales, flip=flip)  # [C, H, W]
+            try:
+                probs = infer.predict(model, image, crop_size, stride, scales=scales, flip=flip,
+                                      window_batch=window_batch, amp=amp)  # [C, H, W] float32
+            except torch.OutOfMemoryError:  # one line naming --window-batch, not the allocator's page
+                problem = infer.out_of_memory(sample["name"], window_batch, amp, device)
+                raise SystemExit(f"evaluate.py: {problem}") from None
             if probs.is_cuda:
                 torch.cuda.synchronize(probs.device)  # the network's time, not the CRF's
             seconds["network"] += time.perf_counter() - start
@@ -343,8 +361,11 @@ def evaluate_model(model: torch.nn.Module, dataset, dataset_name: str, metrics: 
                 save_prediction(save_pred, sample["name"], pred, info.palette)
             yield pred, gt, instances
 
-    raw = score_pairs(pairs(), info.num_classes, dataset_name, metrics, max_dist, workers,
-                      total=len(dataset), progress=progress)
+    with distributed.FailTogether(dist, INPUT_ERRORS):
+        raw = score_pairs(pairs(), info.num_classes, dataset_name, metrics, max_dist, workers,
+                          total=len(share), progress=progress and dist.is_main)
+    totals = distributed.sum_counts({"raw": raw, "seconds": seconds}, dist)
+    raw, seconds = totals["raw"], totals["seconds"]
     settings = {"crop_size": crop_size, "stride": stride, "scales": list(scales), "flip": flip,
                 "max_dist": max_dist, "crf": None if crf_params is None else dataclasses.asdict(crf_params)}
     results = summarize(raw, info.class_names, dataset_name, settings)
@@ -381,15 +402,12 @@ def cityscapes_prediction_index(pred_dir: Path) -> dict[str, list[Path]]:
     return index
 
 
-def evaluate_predictions(pred_dir: str | os.PathLike, dataset, dataset_name: str,
-                         metrics: Sequence[str] = ("miou",), max_dist: float = boundary.DEFAULT_MAX_DIST,
-                         workers: int = 0, progress: bool = True, pred_format: str = "auto") -> dict[str, Any]:
-    """Score saved label PNGs in one of infer.py's layouts (`pred_format`, see infer.py):
-    palette `<pred_dir>/<name>.png` and voc `<pred_dir>/results/VOC2012/Segmentation/comp6_test_cls/
-    <name>.png` hold class ids; cityscapes `<pred_dir>/**/<name>*.png` holds Cityscapes label ids,
-    mapped to train ids with the official table (the other label ids become 255, a miss of the
-    true class as in cityscapesScripts). "auto" picks the layout with `detect_pred_format`."""
-    info = getattr(dataset, "info", None) or data.dataset_info(dataset_name)  # a folder set carries its own
+def prediction_reader(pred_dir: str | os.PathLike, dataset, dataset_name: str, info: data.DatasetInfo,
+                      pred_format: str = "auto", progress: bool = True
+                      ) -> tuple[str, Callable[[str], tuple[Path, np.ndarray]]]:
+    """(the layout, read(name) -> (file, class ids [H, W])) of the predictions in `pred_dir`
+    (see evaluate_predictions); a folder that is missing or does not suit the data set is a
+    FileNotFoundError or ValueError naming it."""
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise FileNotFoundError(f"--pred-dir {pred_dir} is not a folder")
@@ -436,8 +454,26 @@ def evaluate_predictions(pred_dir: str | os.PathLike, dataset, dataset_name: str
             warned = True
         return path, data.decode_label(label_ids, data.LABEL_CODECS["cityscapes"], path)  # -> train ids
 
-    def pairs() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
-        for index in range(len(dataset)):
+    return pred_format, read
+
+
+def evaluate_predictions(pred_dir: str | os.PathLike, dataset, dataset_name: str,
+                         metrics: Sequence[str] = ("miou",), max_dist: float = boundary.DEFAULT_MAX_DIST,
+                         workers: int = 0, progress: bool = True, pred_format: str = "auto",
+                         dist: distributed.Dist = distributed.Dist()) -> dict[str, Any]:
+    """Score saved label PNGs in one of infer.py's layouts (`pred_format`, see infer.py):
+    palette `<pred_dir>/<name>.png` and voc `<pred_dir>/results/VOC2012/Segmentation/comp6_test_cls/
+    <name>.png` hold class ids; cityscapes `<pred_dir>/**/<name>*.png` holds Cityscapes label ids,
+    mapped to train ids with the official table (the other label ids become 255, a miss of the
+    true class as in cityscapesScripts). "auto" picks the layout with `detect_pred_format`. Under
+    torchrun (`dist`) each rank scores its share and the counts are summed, as in evaluate_model."""
+    info = getattr(dataset, "info", None) or data.dataset_info(dataset_name)  # a folder set carries its own
+    share = distributed.shard(len(dataset), dist)
+    progress = progress and dist.is_main
+
+    def pairs(read: Callable[[str], tuple[Path, np.ndarray]]
+              ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+        for index in share:
             sample = dataset[index]
             path, pred = read(sample["name"])
             gt, instances = sample_arrays(sample)
@@ -446,10 +482,13 @@ def evaluate_predictions(pred_dir: str | os.PathLike, dataset, dataset_name: str
                                  f"of {sample['name']} is {gt.shape[1]}x{gt.shape[0]} (width x height)")
             yield pred, gt, instances
 
-    raw = score_pairs(pairs(), info.num_classes, dataset_name, metrics, max_dist, workers,
-                      total=len(dataset), progress=progress)
+    with distributed.FailTogether(dist, INPUT_ERRORS):
+        pred_format, read = prediction_reader(pred_dir, dataset, dataset_name, info, pred_format, progress)
+        raw = score_pairs(pairs(read), info.num_classes, dataset_name, metrics, max_dist, workers,
+                          total=len(share), progress=progress)
+    raw = distributed.sum_counts(raw, dist)
     return summarize(raw, info.class_names, dataset_name,
-                     {"pred_dir": str(pred_dir), "pred_format": pred_format, "max_dist": max_dist})
+                     {"pred_dir": str(Path(pred_dir)), "pred_format": pred_format, "max_dist": max_dist})
 
 
 # --------------------------------------------------------------------------------------------
@@ -554,14 +593,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help=f"boundary tolerance as a fraction of the image diagonal, in [0, 1) "
                              f"(default: {boundary.DEFAULT_MAX_DIST}, the BSDS value)")
     parser.add_argument("--save-pred", help="also write the predicted label PNGs to this folder (default: none)")
-    parser.add_argument("--workers", type=int, default=checks.usable_cpus(),
-                        help=f"processes for the boundary metric, 0: in the main process (default: all usable "
-                             f"cores, here {checks.usable_cpus()})")
+    parser.add_argument("--workers", type=int,
+                        help=f"processes for the boundary metric, 0: in the main process (default: the usable "
+                             f"cores shared among the torchrun processes of this machine, here "
+                             f"{default_workers()} per process)")
     parser.add_argument("--length", type=int, help="score only the first N images, N >= 1 (default: the whole split; "
                                                    "for synthetic, the split's size)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the model runs (default: cuda when a GPU is visible, else cpu; here "
-                             f"{'cuda' if torch.cuda.is_available() else 'cpu'})")
+                             f"{'cuda' if torch.cuda.is_available() else 'cpu'}; under torchrun each process "
+                             f"takes the GPU of its LOCAL_RANK)")
+    infer.add_speed_args(parser)
     parser.add_argument("--json", help="where to write the results (default: beside the checkpoint "
                                        "or in --pred-dir, eval_<dataset>_<split>_<metric>.json; "
                                        "..._<metric>_crf.json with --crf)")
@@ -582,7 +624,7 @@ def check_args(args: argparse.Namespace) -> None:
     if not (math.isfinite(args.max_dist) and 0 <= args.max_dist < 1):
         problems.append(f"--max-dist {args.max_dist} must be a fraction of the image diagonal in [0, 1) "
                         f"(default {boundary.DEFAULT_MAX_DIST})")
-    if args.workers < 0:
+    if args.workers is not None and args.workers < 0:
         problems.append(f"--workers {args.workers} must be >= 0 (0 computes the boundary metric in this process)")
     if args.length is not None and args.length < 1:
         problems.append(f"--length {args.length} must be >= 1 (leave it out for the whole split)")
@@ -591,7 +633,7 @@ def check_args(args: argparse.Namespace) -> None:
             problems.append(f"{flag} {value} must be >= 1 pixel (leave it out for the data set's window)")
     if args.scales is not None and not all(math.isfinite(s) and s > 0 for s in args.scales):
         problems.append(f"--scales {args.scales} must be positive numbers")
-    problems += crf.arg_problems(args)
+    problems += crf.arg_problems(args) + infer.speed_problems(args)
     if args.crf and args.pred_dir is not None:
         problems.append("--crf refines a model's probabilities: it needs --ckpt, not --pred-dir (label PNGs)")
     if args.ckpt is not None and args.pred_format != "auto":
@@ -600,7 +642,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.pred_dir is not None:  # prediction settings would be silently ignored on saved PNGs
         given = [flag for flag, value in (("--scales", args.scales), ("--flip", args.flip),
                                           ("--crop-size", args.crop_size), ("--stride", args.stride),
-                                          ("--save-pred", args.save_pred)) if value is not None]
+                                          ("--save-pred", args.save_pred), ("--window-batch", args.window_batch),
+                                          ("--amp", args.amp or None)) if value is not None]
         if given:
             problems.append(f"{', '.join(given)} set how a model predicts; --pred-dir scores saved label PNGs "
                             "as they are: drop them, or predict with --ckpt")
@@ -608,49 +651,95 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit("evaluate.py: " + "; ".join(problems))
 
 
+def default_workers() -> int:
+    """--workers when it is not given: the usable cores, shared among the processes of this machine."""
+    return max(checks.usable_cpus() // distributed.processes_on_this_machine(), 1)
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    check_args(args)
+    """Evaluate as `args` say; returns the results dict (on every torchrun rank).
+
+    Under torchrun each process scores its share of the images (distributed.shard) and the counts
+    are summed; rank 0 alone prints and writes the JSON, the same file as one process writes. A
+    failure on any rank stops every rank (distributed.FailTogether): rank 0 prints its line, a
+    bug keeps its traceback on the rank that met it, and a rank that was killed is a one-line
+    'lost contact' on the others.
+    """
+    check_args(args)  # the same flags on every rank: every rank stops alike, before any process group
     if args.metric == "kernels":
         return print_kernels(args)
     if (args.ckpt is None) == (args.pred_dir is None):
         raise SystemExit("evaluate.py: give exactly one of --ckpt (predict with a model) and --pred-dir "
                          "(score saved PNGs)")
-    model, ckpt = None, None
-    if args.ckpt is not None:
-        model, ckpt, dataset_name, info = infer.load_for_inference(args.ckpt, args.dataset, args.device, args.data_root,
-                                                                           prog="evaluate.py")
-    else:
-        if args.dataset is None:
+    problem = checks.device_problem(args.device) if args.ckpt is not None else None
+    if problem:
+        raise SystemExit(f"evaluate.py: {problem}")
+    # Saved PNGs need no GPU: their ranks talk over gloo.
+    dist, device = distributed.setup_distributed(args.device if args.ckpt is not None else "cpu", "evaluate.py")
+    try:
+        return evaluate_job(args, dist, device)
+    except distributed.JobFailed as failed:
+        if dist.is_main:
+            print(failed.report("evaluate.py"), file=sys.stderr, flush=True)
+        # torchrun stops the other processes once one exits with an error: rank 0's line goes first.
+        distributed.wait_for_each_other(dist)
+        if failed.own is not None and not isinstance(failed.own, (SystemExit,) + INPUT_ERRORS):
+            raise failed.own from None  # a bug: the traceback of the rank that met it
+        raise SystemExit(1) from None
+    except RuntimeError as error:
+        if not distributed.is_lost_peer(error, dist):
+            raise
+        raise SystemExit(f"evaluate.py: rank {dist.rank}: lost contact with another process of the job (it "
+                         f"crashed or was killed; see its own message)") from None
+    finally:
+        try:
+            distributed.cleanup_distributed()
+        except RuntimeError:  # the process group may be broken already
+            pass
+
+
+def evaluate_job(args: argparse.Namespace, dist: distributed.Dist, device: torch.device) -> dict[str, Any]:
+    """main's work on one rank: set up (every rank alike, failing together), score this rank's
+    share, and on rank 0 print and write the results of the whole data set."""
+    with distributed.FailTogether(dist, INPUT_ERRORS):
+        model, ckpt, dataset_name, info = None, None, args.dataset, None
+        if args.ckpt is not None:
+            model, ckpt, dataset_name, info = infer.load_for_inference(args.ckpt, args.dataset, str(device),
+                                                                       args.data_root, prog="evaluate.py")
+            infer.resolve_window(args.crop_size, args.stride, info)  # a bad window, before any image
+        elif args.dataset is None:
             raise SystemExit("evaluate.py: --dataset is needed with --pred-dir")
-        dataset_name = args.dataset
-        info = data.dataset_info(dataset_name, args.data_root)
-    split = args.split or info.val_split
-    dataset = data.build_dataset(dataset_name, args.data_root, split, train=False, length=args.length)
+        else:
+            info = data.dataset_info(dataset_name, args.data_root)
+        split = args.split or info.val_split
+        dataset = data.build_dataset(dataset_name, args.data_root, split, train=False, length=args.length)
+        json_path = results_path(args, dataset_name, split)
+        check_outputs(args, json_path, dataset, dataset_name, split)
     metrics = METRICS if args.metric == "all" else (args.metric,)
-    if args.json is not None:
-        json_path = Path(args.json)
-    elif args.ckpt is not None:
-        crf_tag = "_crf" if args.crf else ""  # a CRF run does not overwrite the plain run's file
-        json_path = Path(args.ckpt).parent / f"eval_{dataset_name}_{split}_{args.metric}{crf_tag}.json"
-    else:
-        json_path = Path(args.pred_dir) / f"eval_{dataset_name}_{split}_{args.metric}.json"
-    check_outputs(args, json_path, dataset, dataset_name, split)
+    workers = default_workers() if args.workers is None else args.workers
+    if dist.enabled and dist.is_main:
+        print(f"evaluate.py: {dist.world_size} processes, images rank, rank + {dist.world_size}, ...: "
+              f"the progress below is rank 0's share ({len(distributed.shard(len(dataset), dist))} of "
+              f"{len(dataset)} images)", file=sys.stderr)
     if model is not None:
         scales = tuple(args.scales or info.eval_scales)
         flip = info.eval_flip if args.flip is None else args.flip
         trained_on = ckpt["meta"].get("dataset")
-        if trained_on and trained_on != dataset_name:
+        if trained_on and trained_on != dataset_name and dist.is_main:
             print(f"cross-domain: a {trained_on} model on {dataset_name} (paper Table 9)", file=sys.stderr)
         results = evaluate_model(model, dataset, dataset_name, metrics, args.crop_size, args.stride, scales,
-                                 flip, args.max_dist, args.device, args.workers, args.save_pred,
-                                 crf_params=crf.params_from_args(args, dataset_name))
+                                 flip, args.max_dist, device, workers, args.save_pred,
+                                 crf_params=crf.params_from_args(args, dataset_name),
+                                 window_batch=args.window_batch, amp=args.amp, dist=dist)
         results["checkpoint"] = str(args.ckpt)
     else:
-        results = evaluate_predictions(args.pred_dir, dataset, dataset_name, metrics, args.max_dist, args.workers,
-                                       pred_format=args.pred_format)
+        results = evaluate_predictions(args.pred_dir, dataset, dataset_name, metrics, args.max_dist, workers,
+                                       pred_format=args.pred_format, dist=dist)
     results["split"] = split
     if "instance_miou" in results:  # n_{c,x} from instance maps, or one per present class without them
         results["instance_counting"] = "instance maps" if dataset.has_instances else "one instance per present class (no instance maps)"
+    if not dist.is_main:
+        return results
     print(format_results(results))
     try:
         checkpoint.write_json(results, json_path)
@@ -658,6 +747,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"evaluate.py: {error}; the results are printed above") from None
     print(f"\nresults written to {json_path}")
     return results
+
+
+def results_path(args: argparse.Namespace, dataset_name: str, split: str) -> Path:
+    """--json, or eval_<dataset>_<split>_<metric>[_crf].json beside the checkpoint / in --pred-dir."""
+    if args.json is not None:
+        return Path(args.json)
+    if args.ckpt is not None:
+        crf_tag = "_crf" if args.crf else ""  # a CRF run does not overwrite the plain run's file
+        return Path(args.ckpt).parent / f"eval_{dataset_name}_{split}_{args.metric}{crf_tag}.json"
+    return Path(args.pred_dir) / f"eval_{dataset_name}_{split}_{args.metric}.json"
 
 
 def check_outputs(args: argparse.Namespace, json_path: Path, dataset, dataset_name: str, split: str) -> None:

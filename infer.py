@@ -36,8 +36,9 @@ import argparse
 import math
 import sys
 import time
+from collections import deque
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -54,6 +55,18 @@ OUTPUT_FORMATS = ("palette", "voc", "cityscapes")
 # Where the VOC evaluation server looks inside the submitted archive (VOC2012 devkit, section 5.3).
 VOC_RESULTS_DIR = Path("results", "VOC2012", "Segmentation", "comp6_test_cls")
 PROGRESS_EVERY_S = 2.0  # seconds between progress lines
+# Windows per forward pass (--window-batch). GPU, an estimate from the tensor shapes (not measured):
+# a 720 px window in PSPNet-ResNet-101 peaks at about 0.5 GB in float32 (the largest activations
+# are layer 4's 2048 x 90 x 90, 66 MB, and the pyramid pooling's 4096 x 90 x 90 concatenation,
+# 133 MB, plus 2 x 42 MB of float32 upsampled logits and probabilities for 21 classes), half that
+# with --amp, so 8 windows take about 4 GB beside 0.25 GB of weights: room on any 16 GB GPU,
+# while each window already fills the GPU (90 x 90 positions x 2048 channels) and more windows
+# per call mostly save launches. 8 covers a whole pass of either protocol (VOC at scale 1: 2
+# windows per orientation, scale 1.75: 6; Cityscapes: 8). CPU: 8 windows per forward measured
+# 1.75x (VOC protocol) and 1.18x (Cityscapes) faster than one on the development machine
+# (bench.py predict, README "Speed"), for the same estimated 4 GB of RAM at 720 px.
+WINDOW_BATCH_GPU = 8
+WINDOW_BATCH_CPU = 8
 
 
 def window_starts(size: int, crop: int, stride: int) -> list[int]:
@@ -94,33 +107,108 @@ def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     return F.pad(out, (0, width - anchored[1], 0, height - anchored[0]), mode="replicate")
 
 
+def window_grid(height: int, width: int, crop_size: int | None, stride: int | None
+                ) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+    """((window h, window w), [(top, left), ...] row by row) of the sliding windows over an
+    image of height x width padded bottom/right up to the window. crop_size None: one window,
+    the whole image."""
+    if crop_size is None:
+        return (height, width), [(0, 0)]
+    full_h, full_w = max(height, crop_size), max(width, crop_size)
+    return (crop_size, crop_size), [(top, left) for top in window_starts(full_h, crop_size, stride)
+                                    for left in window_starts(full_w, crop_size, stride)]
+
+
+class WindowPass:
+    """One pass of `predict`: a scaled (possibly mirrored) image `[3, h, w]` and the sum of the
+    probabilities of its windows while they come back from the network."""
+
+    def __init__(self, image: torch.Tensor, crop_size: int | None, stride: int | None, mirrored: bool = False):
+        _, height, width = image.shape
+        self.size, self.mirrored = (height, width), mirrored
+        self.window, self.starts = window_grid(height, width, crop_size, stride)
+        # Pad bottom/right up to the window with 0 = the mean colour after normalisation, so every
+        # window of the pass has the window's size (and windows of equal size stack into a batch).
+        win_h, win_w = self.window
+        self.padded = F.pad(image, (0, max(win_w - width, 0), 0, max(win_h - height, 0)))  # [3, H', W']
+        self.total: torch.Tensor | None = None  # [C, H', W'] summed window probabilities
+        self.count = torch.zeros((1,) + tuple(self.padded.shape[-2:]), device=image.device)
+        self.added = 0
+
+    def crop(self, top: int, left: int) -> torch.Tensor:
+        return self.padded[:, top:top + self.window[0], left:left + self.window[1]]  # [3, win_h, win_w]
+
+    def add(self, probs: torch.Tensor, top: int, left: int) -> None:
+        """Add one window's probabilities `[C, win_h, win_w]` (float32) at (top, left)."""
+        if self.total is None:
+            self.total = torch.zeros((probs.shape[0],) + tuple(self.padded.shape[-2:]), device=probs.device)
+        self.total[:, top:top + self.window[0], left:left + self.window[1]] += probs
+        self.count[:, top:top + self.window[0], left:left + self.window[1]] += 1
+        self.added += 1
+
+    @property
+    def complete(self) -> bool:
+        return self.added == len(self.starts)
+
+    def probs(self) -> torch.Tensor:
+        """Mean probabilities `[C, h, w]` of the windows, the padding cropped away and a mirrored
+        pass mirrored back."""
+        height, width = self.size
+        probs = (self.total / self.count)[:, :height, :width]
+        return probs.flip(-1) if self.mirrored else probs
+
+
+def run_windows(model: torch.nn.Module, passes: Iterable[WindowPass], window_batch: int = 1,
+                amp: bool = False) -> Iterator[WindowPass]:
+    """Run the windows of `passes` through `model` in batches of up to `window_batch`, and yield
+    each pass, in order, once all its windows are added.
+
+    Windows of consecutive passes share a batch when they have the same size, which they do
+    whenever a crop size is set (a pass smaller than the crop is padded up to it): with --flip the
+    mirrored pass fills the batch its unmirrored pass leaves, and small scales with one window each
+    go together. In eval mode BatchNorm uses its running statistics, so a window's logits do not
+    depend on the other windows of its batch; each pass sums its windows in the same order as one
+    at a time, so the result equals one-at-a-time prediction up to float rounding of the network.
+    Passes are read from `passes` only as the batches need them (memory: the open passes' images and
+    sums). `amp`: bf16 autocast around the network only; upsampling and softmax run in float32.
+    """
+    if window_batch < 1:
+        raise ValueError(f"window_batch must be >= 1, got {window_batch}")
+    batch: list[tuple[WindowPass, int, int]] = []  # (pass, top, left)
+    waiting: deque[WindowPass] = deque()  # passes read, not yet yielded
+
+    def flush() -> Iterator[WindowPass]:
+        crops = torch.stack([p.crop(top, left) for p, top, left in batch])  # [n, 3, win_h, win_w]
+        with torch.autocast(crops.device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(crops)  # [n, C, ceil(win_h/8), ceil(win_w/8)]
+        # Interpolating logits keeps the class margins that interpolating probabilities would blur.
+        probs = upsample_logits(logits.float(), batch[0][0].window).softmax(dim=1)  # [n, C, win_h, win_w]
+        for (p, top, left), window_probs in zip(batch, probs):
+            p.add(window_probs, top, left)
+        batch.clear()
+        while waiting and waiting[0].complete:
+            yield waiting.popleft()
+
+    for p in passes:
+        waiting.append(p)
+        for top, left in p.starts:
+            if batch and (len(batch) == window_batch or batch[0][0].window != p.window):
+                yield from flush()
+            batch.append((p, top, left))
+    if batch:
+        yield from flush()
+
+
 def sliding_window_probs(model: torch.nn.Module, image: torch.Tensor, crop_size: int | None,
-                         stride: int | None) -> torch.Tensor:
+                         stride: int | None, window_batch: int = 1, amp: bool = False) -> torch.Tensor:
     """Class probabilities `[C, h, w]` of one (scaled) image `[3, h, w]` by sliding crops.
 
     Each crop's logits are upsampled first and then soft-maxed (DeepLab/PSPNet practice:
     interpolating logits keeps the class margins that interpolating probabilities would blur);
     overlapping crops average their probabilities. crop_size None: the whole image in one pass.
     """
-    _, height, width = image.shape
-    crop_h = crop_w = crop_size
-    if crop_size is None:
-        crop_h, crop_w, stride = height, width, max(height, width)
-    # Pad bottom/right up to the crop with 0 = the mean colour after normalisation.
-    padded = F.pad(image, (0, max(crop_w - width, 0), 0, max(crop_h - height, 0)))
-    full_h, full_w = padded.shape[-2:]
-    total = None
-    count = torch.zeros((1, full_h, full_w), device=image.device)
-    for top in window_starts(full_h, crop_h, stride):
-        for left in window_starts(full_w, crop_w, stride):
-            crop = padded[None, :, top:top + crop_h, left:left + crop_w]  # [1, 3, crop_h, crop_w]
-            logits = model(crop).float()  # [1, C, ceil(crop_h/8), ceil(crop_w/8)]
-            probs = upsample_logits(logits, (crop_h, crop_w)).softmax(dim=1)[0]  # [C, crop_h, crop_w]
-            if total is None:
-                total = torch.zeros((probs.shape[0], full_h, full_w), device=image.device)
-            total[:, top:top + crop_h, left:left + crop_w] += probs
-            count[:, top:top + crop_h, left:left + crop_w] += 1
-    return (total / count)[:, :height, :width]  # the padding is cropped away
+    (single,) = run_windows(model, [WindowPass(image, crop_size, stride)], window_batch, amp)
+    return single.probs()
 
 
 def resolve_window(crop_size: int | None, stride: int | None, info: data.DatasetInfo) -> tuple[int, int]:
@@ -146,16 +234,24 @@ def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
+def default_window_batch(device: str | torch.device) -> int:
+    """--window-batch when it is not given: WINDOW_BATCH_GPU on a GPU, WINDOW_BATCH_CPU on the CPU."""
+    return WINDOW_BATCH_GPU if torch.device(device).type == "cuda" else WINDOW_BATCH_CPU
+
+
 def predict(model: torch.nn.Module, image: torch.Tensor, crop_size: int | None, stride: int | None,
-            scales: Sequence[float] = (1.0,), flip: bool = False) -> torch.Tensor:
+            scales: Sequence[float] = (1.0,), flip: bool = False, window_batch: int | None = None,
+            amp: bool = False) -> torch.Tensor:
     """Class probabilities `[C, H, W]` (float32, on the model's device) of a normalised image
     `[3, H, W]` (docs/protocol.md §7).
 
     For each scale s the image is resized (bilinear) to round(s * H) x round(s * W), predicted
-    by sliding crops (`sliding_window_probs`), and, with `flip`, also predicted mirrored and
-    mirrored back; each pass's probabilities are resized back to H x W. The result is the mean
-    over the passes (the sum the paper takes, divided by the number of passes, so it is still
-    a distribution; the argmax is the same).
+    by sliding crops, and, with `flip`, also predicted mirrored and mirrored back; each pass's
+    probabilities are resized back to H x W. The result is the mean over the passes (the sum the
+    paper takes, divided by the number of passes, so it is still a distribution; the argmax is
+    the same). The windows of all passes go through the network `window_batch` at a time
+    (`run_windows`; None: `default_window_batch` of the model's device); `amp`: bf16 autocast
+    around the network, the probabilities stay float32.
     """
     if crop_size is not None and (stride is None or not 0 < stride <= crop_size):
         raise ValueError(f"the stride must be in 1..crop_size ({crop_size}) or windows leave gaps; got {stride}")
@@ -164,27 +260,29 @@ def predict(model: torch.nn.Module, image: torch.Tensor, crop_size: int | None, 
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"expected one image [3, H, W], got {tuple(image.shape)}")
     device = next(model.parameters()).device
+    window_batch = default_window_batch(device) if window_batch is None else window_batch
     image = image.to(device=device, dtype=torch.float32)
     height, width = image.shape[-2:]
+
+    def passes() -> Iterator[WindowPass]:  # made as the batches reach them
+        for scale in scales:
+            size = (max(int(round(height * scale)), 1), max(int(round(width * scale)), 1))
+            scaled = resize(image, size)
+            for mirrored in ((False, True) if flip else (False,)):
+                yield WindowPass(scaled.flip(-1) if mirrored else scaled, crop_size, stride, mirrored)
+
     was_training = model.training
-    model.eval()  # BatchNorm running statistics, no dropout
-    total, passes = None, 0
+    model.eval()  # BatchNorm running statistics (a window does not see its batch), no dropout
+    total, count = None, 0
     try:
         with torch.no_grad():  # not inference_mode: callers may reuse the result with autograd on
-            for scale in scales:
-                size = (max(int(round(height * scale)), 1), max(int(round(width * scale)), 1))
-                scaled = resize(image, size)
-                for mirrored in ((False, True) if flip else (False,)):
-                    x = scaled.flip(-1) if mirrored else scaled
-                    probs = sliding_window_probs(model, x, crop_size, stride)
-                    if mirrored:
-                        probs = probs.flip(-1)
-                    probs = resize(probs, (height, width))
-                    total = probs if total is None else total + probs
-                    passes += 1
+            for done in run_windows(model, passes(), window_batch, amp):
+                probs = resize(done.probs(), (height, width))  # [C, H, W], passes in order
+                total = probs if total is None else total + probs
+                count += 1
     finally:
         model.train(was_training)  # leave the caller's model as it was (train.py evaluates the model it trained)
-    return total / passes
+    return total / count
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,6 +304,26 @@ def overlay(rgb: np.ndarray, label: np.ndarray, palette, alpha: float = OVERLAY_
     """Image and label colours blended, [H, W, 3] uint8."""
     colours = data.colorize(label, palette).astype(np.float32)
     return (alpha * colours + (1 - alpha) * rgb.astype(np.float32)).round().astype(np.uint8)
+
+
+def add_speed_args(parser: argparse.ArgumentParser) -> None:
+    """--window-batch and --amp, shared by infer.py and evaluate.py."""
+    parser.add_argument("--window-batch", type=int, metavar="N",
+                        help=f"sliding windows per forward pass, across the scales and the mirror image (same "
+                             f"result up to float rounding; each 720 px window of PSPNet-ResNet-101 takes about "
+                             f"0.5 GB in float32, lower N on a small GPU) (default: {WINDOW_BATCH_GPU} on a GPU, "
+                             f"{WINDOW_BATCH_CPU} on the CPU)")
+    parser.add_argument("--amp", action="store_true",
+                        help="run the network in bf16 autocast (GPUs; CPUs with bf16 instructions gain too); "
+                             "the probabilities are still upsampled, soft-maxed and averaged in float32 "
+                             "(default: off, float32)")
+
+
+def speed_problems(args: argparse.Namespace) -> list[str]:
+    """The one-line problems of --window-batch."""
+    if args.window_batch is not None and args.window_batch < 1:
+        return [f"--window-batch {args.window_batch} must be >= 1 (leave it out for the device's default)"]
+    return []
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -237,6 +355,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                                                    f"{data.per_dataset_text('eval_stride')})")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: cuda when a GPU is visible, else cpu)")
+    add_speed_args(parser)
     crf.add_crf_args(parser)
     return parser
 
@@ -358,7 +477,7 @@ def resolve_settings(args: argparse.Namespace, dataset_name: str, info: data.Dat
                      ) -> tuple[int, int, crf.CRFParams | None]:
     """(crop, stride, CRF setting or None) from the flags and the data set; a flag value that
     cannot mean anything is a one-line exit naming it (0 is never "the default")."""
-    problems = crf.arg_problems(args)
+    problems = crf.arg_problems(args) + speed_problems(args)
     if args.scales is not None and not all(math.isfinite(s) and s > 0 for s in args.scales):
         problems.append(f"--scales {args.scales} must be positive numbers")
     try:
@@ -439,13 +558,19 @@ def main(args: argparse.Namespace) -> None:
     overlay_paths = [] if overlays is None else [overlays / f"{name}_overlay.png" for name in names]
     check_outputs(images, targets + overlay_paths)
     out.mkdir(parents=True, exist_ok=True)
+    window_batch = default_window_batch(args.device) if args.window_batch is None else args.window_batch
     print(f"{len(images)} image(s), crop {crop_size} stride {stride}, scales {list(scales)}, flip {flip}, "
+          f"{window_batch} window(s) per forward{', bf16 autocast' if args.amp else ''}, "
           f"--format {args.format} -> {out}", file=sys.stderr)
     start = last_print = time.perf_counter()
     for done, (path, name, target) in enumerate(zip(images, names, targets), 1):
         rgb = data.read_image(path)  # [H, W, 3] uint8
         image = torch.from_numpy(data.normalize(rgb, info.mean, info.std))  # [3, H, W] float32
-        probs = predict(model, image, crop_size, stride, scales=scales, flip=flip)
+        try:
+            probs = predict(model, image, crop_size, stride, scales=scales, flip=flip,
+                            window_batch=window_batch, amp=args.amp)
+        except torch.OutOfMemoryError:
+            raise SystemExit(f"infer.py: {out_of_memory(path, window_batch, args.amp, args.device)}") from None
         if crf_params is not None:  # paper Table 6 baseline: dense CRF on the image's colours
             probs = crf.refine(probs, rgb, crf_params)
         label = probs.argmax(dim=0).to(torch.uint8).cpu().numpy()  # [H, W] class (train) ids
@@ -465,6 +590,13 @@ def main(args: argparse.Namespace) -> None:
                   file=sys.stderr, flush=True)
             last_print = now
     report_submission(args.format, out, set(targets))
+
+
+def out_of_memory(image: str | Path, window_batch: int, amp: bool, device: str | torch.device) -> str:
+    """The line for a device out of memory while predicting `image` (shared with evaluate.py)."""
+    where = "GPU memory" if torch.device(device).type == "cuda" else "memory"
+    return (f"out of {where} predicting {image} with --window-batch {window_batch}{' --amp' if amp else ''}: "
+            f"give a smaller --window-batch" + ("" if amp else " or add --amp"))
 
 
 def report_submission(fmt: str, out: Path, written: set[Path]) -> None:

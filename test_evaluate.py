@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -187,6 +188,88 @@ def test_evaluate_end_to_end_and_pred_dir_agree(tmp_path: Path):
     assert 0 < from_model["boundary"]["mean_recall"] <= 1
 
 
+# torchrun: each rank predicts its share (images r, r + 2, ...), the counts are summed.
+def run_evaluate(args: list[str], processes: int = 1, logs: Path | None = None) -> subprocess.CompletedProcess:
+    """evaluate.py in a fresh process, or `processes` of them under torchrun (CPU, gloo)."""
+    command = [sys.executable]
+    if processes > 1:
+        command += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        command += ["--log-dir", str(logs), "--redirects", "3"] if logs is not None else []
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same arithmetic in every process
+    return subprocess.run(command + [str(ROOT / "evaluate.py"), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=240)
+
+
+def test_torchrun_two_cpu_processes_give_the_single_process_counts(tmp_path: Path):
+    ckpt = tiny_checkpoint(tmp_path)
+    # 5 images: shares of 3 and 2; 9 windows per pass, mirrored too, 4 windows per forward.
+    common = ["--ckpt", str(ckpt), "--metric", "all", "--length", "5", "--device", "cpu", "--crop-size", "64",
+              "--stride", "48", "--flip", "--window-batch", "4"]
+    one = run_evaluate(common + ["--workers", "0", "--save-pred", str(tmp_path / "pred1"),
+                                 "--json", str(tmp_path / "one.json")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    # --workers 1: the boundary metric's worker pool runs beside the process group.
+    two = run_evaluate(common + ["--workers", "1", "--save-pred", str(tmp_path / "pred2"),
+                                 "--json", str(tmp_path / "two.json")], processes=2)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-4000:]
+    assert two.stdout.count("results written to") == 1 and two.stdout.count("pixel accuracy:") == 1  # rank 0 alone
+    assert "2 processes" in two.stderr and "Traceback" not in two.stderr
+    a = json.loads((tmp_path / "one.json").read_text())
+    b = json.loads((tmp_path / "two.json").read_text())
+    assert a.keys() == b.keys() and b["num_images"] == 5
+    assert b["confusion"] == a["confusion"] and sum(map(sum, a["confusion"])) == 5 * 128 * 128 - np.sum(
+        [np.sum(np.asarray(s["label"]) == 255) for s in evaluate.data.build_dataset(
+            "synthetic", None, "val", train=False, length=5)])  # every valid pixel of the 5 images, once
+    assert b["boundary"]["counts"] == a["boundary"]["counts"]
+    assert b["instance_count"] == a["instance_count"]
+    np.testing.assert_allclose(np.array(b["instance_iou"], float), np.array(a["instance_iou"], float), rtol=1e-12)
+    for key in ("iou", "miou", "pixel_acc", "settings", "checkpoint", "split", "class_names"):
+        assert b[key] == a[key], key
+    # --save-pred from both ranks: every image once, the same labels.
+    names = sorted(p.name for p in (tmp_path / "pred1").iterdir())
+    assert len(names) == 5 and names == sorted(p.name for p in (tmp_path / "pred2").iterdir())
+    import data
+    for name in names:
+        np.testing.assert_array_equal(data.read_label(tmp_path / "pred2" / name), data.read_label(tmp_path / "pred1" / name))
+
+
+def test_torchrun_a_missing_file_on_one_rank_stops_both_with_one_line(tmp_path: Path):
+    import data
+    dataset = data.build_dataset("synthetic", None, "val", train=False, length=4)
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    info = data.dataset_info("synthetic")
+    for index in (0, 2, 3):  # image 1, rank 1's first, has no prediction
+        data.save_label_png(preds / f"{dataset[index]['name']}.png", np.asarray(dataset[index]["label"]) % 8,
+                            info.palette)
+    logs = tmp_path / "logs"
+    done = run_evaluate(["--pred-dir", str(preds), "--dataset", "synthetic", "--length", "4", "--metric", "boundary",
+                         "--workers", "1", "--json", str(tmp_path / "r.json")], processes=2, logs=logs)
+    assert done.returncode != 0
+    (rank0,) = logs.rglob("0/stderr.log")
+    (rank1,) = logs.rglob("1/stderr.log")
+    assert rank1.read_text().strip() == ""  # rank 0 speaks for the job
+    lines = rank0.read_text().strip().splitlines()
+    missing = preds / f"{dataset[1]['name']}.png"
+    assert lines[-1] == f"evaluate.py: rank 1: no prediction for {dataset[1]['name']}: {missing} is missing", lines
+    assert "Traceback" not in rank0.read_text() and not (tmp_path / "r.json").exists()
+
+
+def test_out_of_memory_while_evaluating_is_one_line(tmp_path: Path, monkeypatch):
+    ckpt = tiny_checkpoint(tmp_path)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(infer, "predict", out_of_memory)
+    args = evaluate.get_args_parser().parse_args(["--ckpt", str(ckpt), "--length", "2", "--workers", "0", "--device",
+                                                  "cpu", "--amp", "--json", str(tmp_path / "r.json")])
+    with pytest.raises(SystemExit) as info:
+        evaluate.main(args)
+    assert str(info.value) == ("evaluate.py: out of memory predicting synthetic_val_000000 with --window-batch "
+                               f"{infer.WINDOW_BATCH_CPU} --amp: give a smaller --window-batch")
+
+
 def test_kernels_report_learned_field_sizes(tmp_path: Path, capsys):
     import data
     import losses  # noqa: F401  (the kernels report needs it)
@@ -220,6 +303,7 @@ def test_kernels_report_learned_field_sizes(tmp_path: Path, capsys):
     (["--length", "0"], "--length 0 must be >= 1"),
     (["--workers", "-1"], "--workers -1 must be >= 0"),
     (["--scales", "1", "nan"], "--scales [1.0, nan] must be positive"),
+    (["--window-batch", "0"], "--window-batch 0 must be >= 1"),
 ])
 def test_meaningless_flag_values_are_refused_before_any_work(tmp_path: Path, flags, message):
     ckpt = tiny_checkpoint(tmp_path)
@@ -233,7 +317,8 @@ def test_meaningless_flag_values_are_refused_before_any_work(tmp_path: Path, fla
 
 
 @pytest.mark.parametrize("flags", [["--scales", "0.5", "1"], ["--no-flip"], ["--crop-size", "64"],
-                                   ["--stride", "32"], ["--save-pred", "elsewhere"]])
+                                   ["--stride", "32"], ["--save-pred", "elsewhere"], ["--window-batch", "4"],
+                                   ["--amp"]])
 def test_prediction_flags_with_pred_dir_are_refused_not_ignored(tmp_path: Path, flags):
     """Saved PNGs are scored as they are: a window, scale or flip flag beside --pred-dir would change
     nothing, so it is an error naming the flag rather than a silently ignored setting."""

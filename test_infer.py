@@ -206,6 +206,115 @@ def test_predict_uses_eval_mode_and_restores_the_mode():
         infer.predict(model, image, 24, 30)
 
 
+# --------------------------------------------------------------------------------------------
+# Windows in batches (--window-batch) and bf16 autocast (--amp)
+# --------------------------------------------------------------------------------------------
+class BatchRecorder:
+    """Forward pre-hook: the batch size of every call of a module."""
+
+    def __init__(self, module: nn.Module):
+        self.sizes: list[int] = []
+        self.handle = module.register_forward_pre_hook(self)
+
+    def __call__(self, module, inputs) -> None:
+        self.sizes.append(inputs[0].shape[0])
+
+
+def tiny_net_with_statistics(num_classes: int = 6) -> nn.Module:
+    """Tiny PSPNet whose BatchNorm layers hold random running statistics (so that eval-mode
+    BatchNorm does something) and a classifier with some spread."""
+    import model as model_lib
+    torch.manual_seed(0)
+    net = model_lib.build_model("pspnet", num_classes, backbone="tiny")
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+        net.classifier.weight.normal_(0, 1.0)
+    return net.eval()
+
+
+def window_count(height: int, width: int, crop: int, stride: int, scales, flip: bool) -> int:
+    total = 0
+    for s in scales:
+        h, w = max(round(height * s), 1), max(round(width * s), 1)
+        total += len(infer.window_starts(max(h, crop), crop, stride)) * len(infer.window_starts(max(w, crop), crop, stride))
+    return total * (2 if flip else 1)
+
+
+def test_batched_windows_equal_one_at_a_time_across_scales_and_flip():
+    net = tiny_net_with_statistics()
+    image = torch.randn(3, 70, 101, generator=torch.Generator().manual_seed(8))  # not square, odd width
+    scales = (0.6, 1.0, 1.3)
+    windows = window_count(70, 101, 48, 32, scales, True)
+    assert windows == 2 * (2 + 6 + 12)  # several windows per pass; 0.6 pads up to the crop
+    recorder = BatchRecorder(net)
+    single = infer.predict(net, image, 48, 32, scales=scales, flip=True, window_batch=1)
+    assert recorder.sizes == [1] * windows
+    for batch in (2, 3, 7, 64):
+        recorder.sizes.clear()
+        got = infer.predict(net, image, 48, 32, scales=scales, flip=True, window_batch=batch)
+        # Every window of every pass has the crop's size, so the batches are full but the last.
+        full, rest = divmod(windows, batch)
+        assert recorder.sizes == [batch] * full + ([rest] if rest else []), batch
+        assert got.dtype == torch.float32 and got.shape == single.shape
+        np.testing.assert_allclose(got.numpy(), single.numpy(), atol=1e-5)
+    recorder.handle.remove()
+
+
+def test_batched_windows_match_the_literal_window_average():
+    # PointModel's logits depend on the position in the window, so a window put in the wrong
+    # place (or given another window's output) of a batch shows.
+    image = torch.randn(3, 64, 88, generator=torch.Generator().manual_seed(4))
+    model = PointModel(4, position=True)
+    expected = ref_window_probs(model, image, 48, [0, 16], [0, 20, 40])
+    for batch in (2, 4, 6):
+        got = infer.predict(model, image, crop_size=48, stride=24, window_batch=batch)
+        np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
+    plain = infer.predict(model, image, 48, 24, window_batch=1).numpy()
+    mirrored = ref_window_probs(model, image.flip(-1), 48, [0, 16], [0, 20, 40])[:, :, ::-1]
+    got = infer.predict(model, image, 48, 24, flip=True, window_batch=5).numpy()  # a batch spans both passes
+    np.testing.assert_allclose(got, 0.5 * (plain + mirrored), atol=1e-5)
+
+
+def test_whole_image_passes_of_other_sizes_are_not_batched_together():
+    # crop_size None: each scale is one window of its own size; a pass and its mirror share one.
+    net = tiny_net_with_statistics()
+    image = torch.randn(3, 40, 56, generator=torch.Generator().manual_seed(9))
+    recorder = BatchRecorder(net)
+    single = infer.predict(net, image, None, None, scales=(0.5, 1.0), flip=True, window_batch=1)
+    recorder.sizes.clear()
+    got = infer.predict(net, image, None, None, scales=(0.5, 1.0), flip=True, window_batch=8)
+    assert recorder.sizes == [2, 2]
+    np.testing.assert_allclose(got.numpy(), single.numpy(), atol=1e-5)
+    recorder.handle.remove()
+    with pytest.raises(ValueError, match="window_batch must be >= 1"):
+        infer.predict(net, image, None, None, window_batch=0)
+
+
+def test_amp_runs_the_network_in_bf16_and_keeps_float32_probabilities():
+    net = tiny_net_with_statistics()
+    image = torch.randn(3, 70, 101, generator=torch.Generator().manual_seed(8))
+    seen = []
+    net.classifier.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    plain = infer.predict(net, image, 48, 32, scales=(1.0,), flip=True, window_batch=4)
+    assert set(seen) == {torch.float32}
+    seen.clear()
+    amp = infer.predict(net, image, 48, 32, scales=(1.0,), flip=True, window_batch=4, amp=True)
+    assert set(seen) == {torch.bfloat16}  # CPU autocast: the network ran in bf16
+    assert amp.dtype == torch.float32
+    np.testing.assert_allclose(amp.sum(dim=0).numpy(), 1.0, atol=1e-5)  # averaged in float32
+    assert (amp - plain).abs().max() < 0.05  # bf16 keeps about 3 significant digits
+    assert (amp.argmax(0) == plain.argmax(0)).float().mean() > 0.97
+
+
+def test_default_window_batch_per_device():
+    assert infer.default_window_batch("cpu") == infer.WINDOW_BATCH_CPU
+    assert infer.default_window_batch(torch.device("cuda", 1)) == infer.WINDOW_BATCH_GPU
+    assert infer.WINDOW_BATCH_GPU >= infer.WINDOW_BATCH_CPU >= 1
+
+
 def test_cli_writes_palette_labels_and_overlays(tmp_path: Path):
     import model as model_lib
     import data
@@ -528,6 +637,7 @@ def test_pred_dir_values_that_are_no_class_id_are_refused_not_scored_as_misses(t
     (["--crop-size", "0"], "--crop-size 0 must be >= 1"),
     (["--crop-size", "40", "--stride", "41"], "--stride 41 must be in 1..crop size (40)"),
     (["--scales", "0"], "--scales [0.0] must be positive"),
+    (["--window-batch", "0"], "--window-batch 0 must be >= 1"),
 ])
 def test_cli_refuses_a_zero_window_instead_of_the_default(tmp_path: Path, flags, message):
     # Today `args.stride or info.eval_stride` silently turned 0 into the data set's stride.
@@ -668,3 +778,21 @@ def test_a_full_disk_while_writing_predictions_is_one_line(tmp_path: Path, monke
     message = str(info.value)
     assert message == (f"infer.py: cannot write {tmp_path / 'out' / 'b.png'} (No space left on device); the "
                        f"predictions of 1 of 2 image(s) were written")
+
+
+def test_out_of_memory_names_the_window_batch_in_one_line(tmp_path: Path, monkeypatch):
+    from PIL import Image
+
+    save_tiny_checkpoint(tmp_path / "syn.pt", "synthetic")
+    Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(tmp_path / "a.png")
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(infer, "predict", out_of_memory)
+    argv = ["--ckpt", str(tmp_path / "syn.pt"), "--device", "cpu", "--input", str(tmp_path / "a.png"),
+            "--out", str(tmp_path / "out"), "--window-batch", "16"]
+    with pytest.raises(SystemExit) as info:
+        infer.main(infer.get_args_parser().parse_args(argv))
+    assert str(info.value) == (f"infer.py: out of memory predicting {tmp_path / 'a.png'} with --window-batch 16: "
+                               f"give a smaller --window-batch or add --amp")

@@ -791,7 +791,7 @@ def main(args: argparse.Namespace) -> dict:
     keeps its traceback.
     """
     args, info = resolve_args(args)
-    dist, device = distributed.setup_distributed(args.device)
+    dist, device = distributed.setup_distributed(args.device, "train.py")
     with runfolder.one_line_stop(dist, Path(args.out), input_errors=(data.DatasetError, checkpoint.WeightsError),
                                  rank_errors=(data.UnreadableSample,)) as lock:
         return train(args, info, dist, device, lock)
