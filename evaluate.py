@@ -3,6 +3,7 @@
     python evaluate.py --ckpt model.pt --metric all                      # data set from the checkpoint
     python evaluate.py --ckpt model.pt --dataset voc --data-root VOCdevkit --metric boundary
     python evaluate.py --pred-dir preds/ --dataset voc --data-root VOCdevkit --metric all
+    python evaluate.py --pred-dir preds/ --dataset cityscapes --data-root cityscapes --metric biou --biou-dilation 0.005
     python evaluate.py --ckpt aaf.pt --metric kernels                    # paper Fig. 3
     python evaluate.py --ckpt ce.pt --metric all --crf                   # + dense CRF (crf.py, Table 6)
 
@@ -12,7 +13,9 @@ Metrics (docs/metrics.md, whose section numbers the comments below cite):
    ground-truth instances of that class in the image.
 3. Boundary precision / recall / F (Tables 4 and 8): the BSDS500 protocol on the boundaries of
    each class's binary masks, with an exact one-to-one maximum matching within a radius of
-   0.75% of the image diagonal.
+   0.75% of the image diagonal (boundary.py).
+4. Boundary IoU (Cheng et al., CVPR 2021; not in the paper, `--metric biou`): per class, the IoU
+   of the ground-truth and predicted masks' inner bands of width d (boundary.py).
 
 Predictions come from infer.predict (sliding window, scales, flip; docs/protocol.md §7) or from saved label
 PNGs (`--pred-dir`), so that the outputs of any method can be scored the same way.
@@ -38,7 +41,7 @@ import crf
 import data
 import infer
 
-METRICS = ("miou", "instance", "boundary")
+METRICS = ("miou", "instance", "boundary", "biou")
 
 # Cityscapes classes that have instance ids (docs/metrics.md §2): the 8 "thing" train ids. Caravan and
 # trailer also carry instances but map to void (255), so they never count.
@@ -220,11 +223,13 @@ def progress_line(done: int, total: int, start: float) -> str:
 
 def score_pairs(pairs: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray | None]], num_classes: int,
                 dataset_name: str, metrics: Sequence[str] = ("miou",), max_dist: float = boundary.DEFAULT_MAX_DIST,
-                workers: int = 0, total: int | None = None, progress: bool = True) -> dict[str, np.ndarray]:
+                workers: int = 0, total: int | None = None, progress: bool = True,
+                biou_dilation: float = boundary.DEFAULT_BIOU_DILATION) -> dict[str, np.ndarray]:
     """Accumulate the raw counts of the requested metrics over (pred, gt, instances) triples.
 
     Returns {"confusion": [C, C + 1], "instance_sum": [C], "instance_count": [C],
-    "boundary": [C, 4], "num_images": int} (only the requested entries).
+    "boundary": [C, 4], "biou": [C, 2], "num_images": int} (only the requested entries). The
+    boundary metrics run in `workers` processes (boundary.BoundaryPool).
     """
     unknown = set(metrics) - set(METRICS)
     if unknown:
@@ -232,7 +237,10 @@ def score_pairs(pairs: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray | None]
     confusion = np.zeros((num_classes, num_classes + 1), dtype=np.int64)
     inst_sum = np.zeros(num_classes, dtype=np.float64)
     inst_count = np.zeros(num_classes, dtype=np.int64)
-    pool = boundary.BoundaryPool(num_classes, max_dist, workers) if "boundary" in metrics else None
+    pool = None
+    if "boundary" in metrics or "biou" in metrics:
+        pool = boundary.BoundaryPool(num_classes, max_dist if "boundary" in metrics else None, workers,
+                                     biou_dilation if "biou" in metrics else None)
     start = last_print = time.perf_counter()
     done = 0
     try:
@@ -252,7 +260,7 @@ def score_pairs(pairs: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray | None]
             if progress and (now - last_print > 2.0 or done == total):
                 print(progress_line(done, total or done, start), file=sys.stderr, flush=True)
                 last_print = now
-        counts = pool.result() if pool is not None else None
+        counts = pool.totals() if pool is not None else {}
     finally:
         if pool is not None:
             pool.close()
@@ -261,8 +269,7 @@ def score_pairs(pairs: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray | None]
         raw["confusion"] = confusion
     if "instance" in metrics:
         raw["instance_sum"], raw["instance_count"] = inst_sum, inst_count
-    if counts is not None:
-        raw["boundary"] = counts
+    raw.update(counts)  # "boundary" [C, 4], "biou" [C, 2]
     return raw
 
 
@@ -289,6 +296,10 @@ def summarize(raw: dict[str, Any], class_names: Sequence[str], dataset_name: str
             "mean_recall": nanmean(recall), "mean_precision": nanmean(precision), "mean_f": nanmean(f),
             "counts": raw["boundary"].tolist(),  # per class: cntR, sumR, cntP, sumP
         }
+    if "biou" in raw:  # Boundary IoU (docs/metrics.md §4): NaN for a class in no band anywhere
+        per_class, mean = boundary.biou(raw["biou"])
+        results["biou"] = {"iou": per_class.tolist(), "mean_iou": mean,
+                           "counts": raw["biou"].tolist()}  # per class: intersection, union
     return results
 
 
@@ -324,7 +335,8 @@ def evaluate_model(model: torch.nn.Module, dataset, dataset_name: str, metrics: 
                    crop_size: int | None = None, stride: int | None = None, scales: Sequence[float] = (1.0,),
                    flip: bool = False, max_dist: float = boundary.DEFAULT_MAX_DIST, device: str | torch.device = "cpu",
                    workers: int = 0, save_pred: str | os.PathLike | None = None,
-                   progress: bool = True, crf_params: crf.CRFParams | None = None) -> dict[str, Any]:
+                   progress: bool = True, crf_params: crf.CRFParams | None = None,
+                   biou_dilation: float = boundary.DEFAULT_BIOU_DILATION) -> dict[str, Any]:
     """Predict every image of `dataset` (full images, train=False) and score the predictions.
 
     crop_size / stride default (None) to the data set's evaluation window (data.DatasetInfo.eval_crop,
@@ -359,9 +371,11 @@ def evaluate_model(model: torch.nn.Module, dataset, dataset_name: str, metrics: 
             yield pred, gt, instances
 
     raw = score_pairs(pairs(), info.num_classes, dataset_name, metrics, max_dist, workers,
-                      total=len(dataset), progress=progress)
+                      total=len(dataset), progress=progress, biou_dilation=biou_dilation)
     settings = {"crop_size": crop_size, "stride": stride, "scales": list(scales), "flip": flip,
                 "max_dist": max_dist, "crf": None if crf_params is None else dataclasses.asdict(crf_params)}
+    if "biou" in metrics:
+        settings["biou_dilation"] = biou_dilation
     results = summarize(raw, info.class_names, dataset_name, settings)
     count = max(raw["num_images"], 1)
     results["timing"] = {"network_s_per_image": seconds["network"] / count,
@@ -398,7 +412,8 @@ def cityscapes_prediction_index(pred_dir: Path) -> dict[str, list[Path]]:
 
 def evaluate_predictions(pred_dir: str | os.PathLike, dataset, dataset_name: str,
                          metrics: Sequence[str] = ("miou",), max_dist: float = boundary.DEFAULT_MAX_DIST,
-                         workers: int = 0, progress: bool = True, pred_format: str = "auto") -> dict[str, Any]:
+                         workers: int = 0, progress: bool = True, pred_format: str = "auto",
+                         biou_dilation: float = boundary.DEFAULT_BIOU_DILATION) -> dict[str, Any]:
     """Score saved label PNGs in one of infer.py's layouts (`pred_format`, see infer.py):
     palette `<pred_dir>/<name>.png` and voc `<pred_dir>/results/VOC2012/Segmentation/comp6_test_cls/
     <name>.png` hold class ids; cityscapes `<pred_dir>/**/<name>*.png` holds Cityscapes label ids,
@@ -462,9 +477,11 @@ def evaluate_predictions(pred_dir: str | os.PathLike, dataset, dataset_name: str
             yield pred, gt, instances
 
     raw = score_pairs(pairs(), info.num_classes, dataset_name, metrics, max_dist, workers,
-                      total=len(dataset), progress=progress)
-    return summarize(raw, info.class_names, dataset_name,
-                     {"pred_dir": str(pred_dir), "pred_format": pred_format, "max_dist": max_dist})
+                      total=len(dataset), progress=progress, biou_dilation=biou_dilation)
+    settings = {"pred_dir": str(pred_dir), "pred_format": pred_format, "max_dist": max_dist}
+    if "biou" in metrics:
+        settings["biou_dilation"] = biou_dilation
+    return summarize(raw, info.class_names, dataset_name, settings)
 
 
 # --------------------------------------------------------------------------------------------
@@ -504,12 +521,18 @@ def format_results(results: dict[str, Any]) -> str:
         parts.append(f"instance-wise mIoU (%), paper Tables 3, 7{counting}\n" + format_table(
             names, [("inst. IoU", results["instance_iou"], results["instance_miou"])], _percent,
             "instance mIoU"))
+    titles, rows = [], []  # the boundary metrics share one table: P/R/F rows, then Boundary IoU
     if "boundary" in results:
         b = results["boundary"]
-        parts.append(f"boundary (max_dist {results['settings'].get('max_dist')}), paper Tables 4, 8\n"
-                     + format_table(names, [("recall", b["recall"], b["mean_recall"]),
-                                            ("precision", b["precision"], b["mean_precision"]),
-                                            ("F", b["f"], b["mean_f"])], _fraction, "mean"))
+        titles.append(f"boundary (max_dist {results['settings'].get('max_dist')}), paper Tables 4, 8")
+        rows += [("recall", b["recall"], b["mean_recall"]), ("precision", b["precision"], b["mean_precision"]),
+                 ("F", b["f"], b["mean_f"])]
+    if "biou" in results:
+        titles.append(f"Boundary IoU (band {results['settings'].get('biou_dilation')} of the diagonal; "
+                      f"Cheng et al. 2021, not in the paper)")
+        rows.append(("Boundary IoU", results["biou"]["iou"], results["biou"]["mean_iou"]))
+    if rows:
+        parts.append("; ".join(titles) + "\n" + format_table(names, rows, _fraction, "mean"))
     timing = results.get("timing")
     if timing:
         crf_s = timing.get("crf_s_per_image")
@@ -610,9 +633,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-root", help="data set folder (default: none; not needed for synthetic)")
     parser.add_argument("--split", help=f"split to score (default: the data set's validation split: "
                                         f"{data.per_dataset_text('val_split')})")
-    parser.add_argument("--metric", default="miou", choices=["miou", "instance", "boundary", "all", "kernels"],
-                        help="mIoU, instance-wise mIoU, boundary P/R/F, all three, or the learned AAF field "
-                             "sizes of --ckpt (paper Fig. 3) (default: miou)")
+    parser.add_argument("--metric", default="miou", choices=["miou", "instance", "boundary", "biou", "all", "kernels"],
+                        help="mIoU, instance-wise mIoU, boundary P/R/F, Boundary IoU (Cheng et al. 2021; not in the "
+                             "paper), all four, or the learned AAF field sizes of --ckpt (paper Fig. 3) (default: miou)")
     parser.add_argument("--scales", type=float, nargs="+",
                         help=f"test scales (default: the data set's: {data.per_dataset_text('eval_scales')})")
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
@@ -625,9 +648,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-dist", type=float, default=boundary.DEFAULT_MAX_DIST,
                         help=f"boundary tolerance as a fraction of the image diagonal, in [0, 1) "
                              f"(default: {boundary.DEFAULT_MAX_DIST}, the BSDS value)")
+    parser.add_argument("--biou-dilation", type=float, default=boundary.DEFAULT_BIOU_DILATION,
+                        help=f"Boundary IoU band width d as a fraction of the image diagonal, in (0, 1), rounded to "
+                             f"whole pixels, at least 1 (default: {boundary.DEFAULT_BIOU_DILATION}, the authors' "
+                             f"default; they use 0.005 for Cityscapes' 2048x1024 images)")
     parser.add_argument("--save-pred", help="also write the predicted label PNGs to this folder (default: none)")
     parser.add_argument("--workers", type=int, default=usable_cpus(),
-                        help=f"processes for the boundary metric, 0: in the main process (default: all usable "
+                        help=f"processes for the boundary metrics (P/R/F, Boundary IoU), 0: in the main process (default: all usable "
                              f"cores, here {usable_cpus()})")
     parser.add_argument("--length", type=int, help="score only the first N images, N >= 1 (default: the whole split; "
                                                    "for synthetic, the split's size)")
@@ -654,6 +681,9 @@ def check_args(args: argparse.Namespace) -> None:
     if not (math.isfinite(args.max_dist) and 0 <= args.max_dist < 1):
         problems.append(f"--max-dist {args.max_dist} must be a fraction of the image diagonal in [0, 1) "
                         f"(default {boundary.DEFAULT_MAX_DIST})")
+    if not (math.isfinite(args.biou_dilation) and 0 < args.biou_dilation < 1):
+        problems.append(f"--biou-dilation {args.biou_dilation} must be a fraction of the image diagonal in (0, 1) "
+                        f"(default {boundary.DEFAULT_BIOU_DILATION})")
     if args.workers < 0:
         problems.append(f"--workers {args.workers} must be >= 0 (0 computes the boundary metric in this process)")
     if args.length is not None and args.length < 1:
@@ -715,11 +745,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             print(f"cross-domain: a {trained_on} model on {dataset_name} (paper Table 9)", file=sys.stderr)
         results = evaluate_model(model, dataset, dataset_name, metrics, args.crop_size, args.stride, scales,
                                  flip, args.max_dist, args.device, args.workers, args.save_pred,
-                                 crf_params=crf.params_from_args(args, dataset_name))
+                                 crf_params=crf.params_from_args(args, dataset_name), biou_dilation=args.biou_dilation)
         results["checkpoint"] = str(args.ckpt)
     else:
         results = evaluate_predictions(args.pred_dir, dataset, dataset_name, metrics, args.max_dist, args.workers,
-                                       pred_format=args.pred_format)
+                                       pred_format=args.pred_format, biou_dilation=args.biou_dilation)
     results["split"] = split
     if "instance_miou" in results:  # n_{c,x} from instance maps, or one per present class without them
         results["instance_counting"] = "instance maps" if dataset.has_instances else "one instance per present class (no instance maps)"

@@ -186,6 +186,50 @@ def test_evaluate_end_to_end_and_pred_dir_agree(tmp_path: Path):
     assert 0 < from_model["boundary"]["mean_recall"] <= 1
 
 
+def test_metric_biou_is_the_literal_count_in_a_row_beside_boundary_prf(tmp_path: Path, capsys):
+    """--metric all adds Boundary IoU (docs/metrics.md §4) to the boundary table and the JSON; its
+    counts are the authors' erosion construction applied literally, per class, void not counted."""
+    import data
+    from test_boundary import eroded_band, literal_biou_counts
+
+    ckpt = tiny_checkpoint(tmp_path)
+    evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--ckpt", str(ckpt), "--metric", "miou", "--length", "2", "--workers", "0", "--device", "cpu",
+         "--save-pred", str(tmp_path / "pred"), "--json", str(tmp_path / "model.json")]))
+    capsys.readouterr()
+    result = evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--pred-dir", str(tmp_path / "pred"), "--dataset", "synthetic", "--metric", "all", "--length", "2",
+         "--workers", "2", "--biou-dilation", "0.05", "--json", str(tmp_path / "all.json")]))
+    dataset = data.build_dataset("synthetic", None, "val", train=False, length=2)
+    num_classes = data.dataset_info("synthetic").num_classes
+    expected = sum(literal_biou_counts(np.array(data.read_label(tmp_path / "pred" / f"{dataset[i]['name']}.png")),
+                                       np.asarray(dataset[i]["label"]), num_classes, 0.05, band=eroded_band)
+                   for i in range(2))
+    saved = json.loads((tmp_path / "all.json").read_text())
+    assert saved["biou"]["counts"] == expected.tolist() and saved["settings"]["biou_dilation"] == 0.05
+    present = expected[:, 1] > 0
+    assert present.sum() >= 2
+    np.testing.assert_allclose(np.array(result["biou"]["iou"])[present], expected[present, 0] / expected[present, 1])
+    assert result["biou"]["mean_iou"] == pytest.approx(np.mean(expected[present, 0] / expected[present, 1]))
+    lines = capsys.readouterr().out.splitlines()
+    f_row = next(i for i, line in enumerate(lines) if line.startswith("F "))
+    assert lines[f_row + 1].startswith("Boundary IoU ")  # the row right below boundary F
+    only = evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--pred-dir", str(tmp_path / "pred"), "--dataset", "synthetic", "--metric", "biou", "--length", "2",
+         "--workers", "0", "--biou-dilation", "0.05", "--json", str(tmp_path / "biou.json")]))
+    assert "boundary" not in only and only["biou"]["counts"] == expected.tolist()
+
+
+@pytest.mark.parametrize("value", ["0", "-0.1", "1", "nan"])
+def test_a_meaningless_biou_dilation_is_one_line(tmp_path: Path, value: str):
+    args = evaluate.get_args_parser().parse_args(
+        ["--pred-dir", str(tmp_path), "--dataset", "synthetic", "--metric", "biou", "--biou-dilation", value])
+    with pytest.raises(SystemExit) as info:
+        evaluate.main(args)
+    assert str(info.value).startswith(f"evaluate.py: --biou-dilation {float(value)} must be a fraction of the image "
+                                      "diagonal in (0, 1) (default 0.02)")
+
+
 def test_kernels_report_learned_field_sizes(tmp_path: Path, capsys):
     import data
     import losses  # noqa: F401  (the kernels report needs it)
