@@ -364,19 +364,28 @@ def _voc_pair(index: int, height: int, width: int, num_classes: int):
     return pred, gt
 
 
-def _cityscapes_pair(index: int, height: int, width: int, num_classes: int, stride: int = 8, wrong: float = 0.2):
-    """Cityscapes-like, fragmented: ground truth = 8-19 classes as the argmax of smooth random
-    fields (regions with smooth outlines) plus void blobs (255); prediction at output stride 8 = the
-    class at the centre of each 8x8 cell (void cells: the first class), 20% of the cells replaced by
-    a random one of the image's classes, repeated to full size (blocky, fragmented outlines)."""
+def _cityscapes_pair(index: int, height: int, width: int, num_classes: int, wrong: float = 0.2,
+                     warp: float = 0.0, stride: int = 8):
+    """Cityscapes-like: ground truth = 8-19 classes as the argmax of smooth random fields (regions
+    with smooth outlines) plus void blobs (255). Prediction, fragmented (warp 0): at output
+    stride 8, the class at the centre of each 8x8 cell (void cells: the first class), a fraction
+    `wrong` of the cells replaced by a random one of the image's classes, repeated to full size.
+    Smooth (warp > 0): the classes sampled at positions displaced by a smooth random field of
+    about `warp` px standard deviation (outlines moved, none broken into cells)."""
     import numpy as np
 
     rng = np.random.default_rng(index)
     classes = rng.choice(num_classes, size=int(rng.integers(8, num_classes + 1)), replace=False)
     fields = np.stack([_smooth_field(rng, (int(rng.integers(3, 9)), int(rng.integers(5, 17))), height, width)
                        for _ in classes])
-    gt = classes[fields.argmax(axis=0)].astype(np.uint8)
+    clean = classes[fields.argmax(axis=0)].astype(np.uint8)
+    gt = clean.copy()
     gt[_smooth_field(rng, (4, 8), height, width) > 1.6] = 255
+    if warp > 0:
+        rows, cols = np.mgrid[:height, :width].astype(np.float32)
+        ys = np.clip(np.rint(rows + warp * _smooth_field(rng, (8, 16), height, width)), 0, height - 1)
+        xs = np.clip(np.rint(cols + warp * _smooth_field(rng, (8, 16), height, width)), 0, width - 1)
+        return clean[ys.astype(np.intp), xs.astype(np.intp)], gt
     cells = gt[stride // 2::stride, stride // 2::stride].copy()
     cells[cells == 255] = classes[0]
     swapped = rng.random(cells.shape) < wrong
@@ -422,6 +431,7 @@ def bench_eval(args: argparse.Namespace) -> None:
     equal. Times are CPU time per process (so other jobs on the machine inflate them less than
     wall time). A class-image is one class present in the prediction or the ground truth of one image.
     """
+    import functools
     import multiprocessing
     import statistics
     import time
@@ -433,7 +443,10 @@ def bench_eval(args: argparse.Namespace) -> None:
 
     default_images, height, width, num_classes = EVAL_SIZES[args.size]
     num_images = args.images or default_images
-    make_pair = _voc_pair if args.size == "voc" else _cityscapes_pair
+    if args.size == "voc":
+        make_pair = _voc_pair
+    else:
+        make_pair = functools.partial(_cityscapes_pair, wrong=args.wrong, warp=args.warp)
     before, before_name = _boundary_stats_before(args.before_rev)
     workers = evaluate.usable_cpus()
     import scipy.sparse.csgraph  # noqa: F401  boundary.py imports it lazily: here, so no worker times it
@@ -482,7 +495,9 @@ def bench_eval(args: argparse.Namespace) -> None:
     rows = [row for part in parts for row in part[1]]
     gen, new, old, class_images = (np.array(column, dtype=np.float64) for column in zip(*rows))
     recall, precision, f = boundary.boundary_prf(counts)
-    print(f"boundary metric, {num_images} synthetic {width}x{height} pairs ({args.size}), {num_classes} classes, "
+    kind = "" if args.size == "voc" else (f", predictions warped by ~{args.warp:g} px" if args.warp > 0 else
+                                         f", stride-8 predictions with {100 * args.wrong:g}% of the cells wrong")
+    print(f"boundary metric, {num_images} synthetic {width}x{height} pairs ({args.size}{kind}), {num_classes} classes, "
           f"max_dist {boundary.DEFAULT_MAX_DIST} (r = {boundary.match_radius((height, width)):.2f} px), "
           f"{workers} worker processes, load average {load:.1f} at start")
     print(f"old = {before_name}; counts of old and new identical on every image" if before is not None
@@ -743,6 +758,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "(default: voc)")
     parser.add_argument("--images", type=int, default=0,
                         help="eval: number of pairs (default 0 = the size's own: voc 1449, cityscapes 16)")
+    parser.add_argument("--wrong", type=float, default=0.2,
+                        help="eval --size cityscapes: fraction of the stride-8 prediction's 8x8 cells given a wrong "
+                             "class (default 0.2)")
+    parser.add_argument("--warp", type=float, default=0.0,
+                        help="eval --size cityscapes: instead of cells, predict the true classes moved by a smooth "
+                             "random displacement of about this many px (default 0: stride-8 cells)")
     parser.add_argument("--before-rev", default=EVAL_BEFORE_REV,
                         help=f"eval: also time boundary_stats of this commit's evaluate.py on the same pairs, "
                              f"checking equal counts; none to skip (default: {EVAL_BEFORE_REV}, the code before "

@@ -355,14 +355,20 @@ def greedy_matching(graph: RadiusGraph) -> tuple[np.ndarray, np.ndarray]:
 def augment(graph: RadiusGraph, match_left: np.ndarray, match_right: np.ndarray) -> int:
     """Grow the matching (in place) to a maximum one; returns the number of pairs it gained (exact).
 
-    First augmenting-path searches in Python (`dfs_augment`) from the free left vertices: where
-    the greedy start leaves few free vertices and short paths (fragmented predictions, VOC-sized
-    images) that settles it at once. When the searches grow long (more than 1000 vertex entries
-    plus 30 per search: chains of shifted pairs along smooth boundaries at Cityscapes size, where
-    the searches end up looking at most of the graph), the rest goes to `max_flow_augment`, which
-    builds the whole graph and solves it in compiled code.
+    Two exact ways; which is faster depends on the graph (bench.py eval). Augmenting-path
+    searches in Python (`dfs_augment`) settle it at once where the greedy start leaves few free
+    vertices and short paths (VOC-sized images; fragmented predictions, whose boundaries are much
+    longer than the ground truth's). Where the two sides are large and about as long (smoothly
+    displaced boundaries at Cityscapes size), free vertices sit at the ends of long chains of
+    shifted pairs and the searches end up looking at most of the graph: there
+    `max_flow_augment` builds the whole graph and solves it in compiled code, at once, or when
+    the searches grow long (more vertex entries than 200 plus a tenth of the right pixels, as
+    the flow's cost grows with them, plus 40 per search).
     """
-    gained, finished = dfs_augment(graph, match_left, match_right, base=1000, per_search=30)
+    n, m = graph.left.size, graph.num_right
+    if n > 1000 and m < 2 * n:
+        return max_flow_augment(graph, match_left, match_right)
+    gained, finished = dfs_augment(graph, match_left, match_right, base=200 + m / 10, per_search=40)
     if not finished:
         gained += max_flow_augment(graph, match_left, match_right)
     return gained
