@@ -433,7 +433,6 @@ def bench_eval(args: argparse.Namespace) -> None:
     """
     import functools
     import multiprocessing
-    import statistics
     import time
 
     import numpy as np
@@ -493,6 +492,20 @@ def bench_eval(args: argparse.Namespace) -> None:
         raise SystemExit(f"bench.py eval: the new boundary metric is not exact: {errors[0]}")
     counts = sum(part[0] for part in parts)
     rows = [row for part in parts for row in part[1]]
+    _report_eval(args, counts, rows, wall, load, workers, before_name, before is not None)
+
+
+def _report_eval(args: argparse.Namespace, counts, rows: list, wall: float, load: float, workers: int,
+                 before_name: str, measured_before: bool) -> None:
+    """bench.py eval's printout: per-image CPU time of new and old, median [min - max]."""
+    import statistics
+
+    import numpy as np
+
+    import boundary
+
+    default_images, height, width, num_classes = EVAL_SIZES[args.size]
+    num_images = args.images or default_images
     gen, new, old, class_images = (np.array(column, dtype=np.float64) for column in zip(*rows))
     recall, precision, f = boundary.boundary_prf(counts)
     kind = "" if args.size == "voc" else (f", predictions warped by ~{args.warp:g} px" if args.warp > 0 else
@@ -500,15 +513,15 @@ def bench_eval(args: argparse.Namespace) -> None:
     print(f"boundary metric, {num_images} synthetic {width}x{height} pairs ({args.size}{kind}), {num_classes} classes, "
           f"max_dist {boundary.DEFAULT_MAX_DIST} (r = {boundary.match_radius((height, width)):.2f} px), "
           f"{workers} worker processes, load average {load:.1f} at start")
-    print(f"old = {before_name}; counts of old and new identical on every image" if before is not None
-          else f"old: {before_name}")
+    print(f"old = {before_name}; counts of old and new identical on every image" if measured_before
+          else f"old: not measured ({before_name})")
 
     def spread(values: np.ndarray) -> str:
         return f"{1e3 * np.median(values):8.1f} [{1e3 * values.min():.1f} - {1e3 * values.max():.1f}]"
 
     print(f"{'ms CPU per image':<24} median [min - max]      per class-image")
     print(f"{'new':<24} {spread(new):<26} {1e3 * new.sum() / class_images.sum():.2f} ms")
-    if before is not None:
+    if measured_before:
         print(f"{'old (' + args.before_rev + ')':<24} {spread(old):<26} {1e3 * old.sum() / class_images.sum():.2f} ms")
         ratios = old / new
         print(f"old / new per image: median {statistics.median(ratios):.2f}x [{ratios.min():.2f} - {ratios.max():.2f}]")
