@@ -3,7 +3,8 @@
     python bench.py losses   # AAF vs cross-entropy vs the plain reference (losses.affinity_field_reference)
     python bench.py losses --before /tmp/losses_before.py   # ... and beside another losses.py
     python bench.py train    # time per training step, CE vs Affinity vs AAF
-    python bench.py eval     # the boundary metric over 1449 VOC-sized pairs
+    python bench.py eval     # the boundary metric over 1449 VOC-sized pairs, beside the earlier code
+    python bench.py eval --size cityscapes   # ... over 16 fragmented 2048x1024 pairs
     python bench.py crf --repeats 3   # dense CRF vs the network per VOC / Cityscapes-sized image
     python bench.py data     # images/s of train.py's loader: synthetic, CamVid, Cityscapes-sized PNGs
     python bench.py predict --repeats 3   # infer.predict: one window per forward vs batched, float32 vs bf16
@@ -276,19 +277,133 @@ def bench_train(args: argparse.Namespace) -> None:
               f"{peak_flops / 1e12:.0f} TFLOP/s (H100 bf16 dense peak; target >= 35%)")
 
 
-def bench_eval(args: argparse.Namespace) -> None:
-    """Boundary metric (boundary.boundary_stats) over 1449 VOC-sized synthetic pairs, all cores.
+# --------------------------------------------------------------------------------------------
+# bench.py eval
+# --------------------------------------------------------------------------------------------
+EVAL_BEFORE_REV = "d1e6153"  # the last commit with the earlier boundary metric (in evaluate.py then)
+EVAL_SIZES = {"voc": (1449, 375, 500, 21), "cityscapes": (16, 1024, 2048, 19)}  # images, H, W, classes
 
-    Pairs: 500x375, 21 classes; ground truth = background plus 1-3 object classes as smooth
-    random blobs, with VOC's 255 band (5 px) along every class change; prediction = the clean
-    map warped by a smooth random displacement (std about 2-3 px, tails beyond the 4.7 px
-    tolerance: boundaries move, thin parts break), plus a wrongly classified region in a third
-    of the images. Each worker process generates and scores its share; generation is timed
-    apart from the metric (CPU time per process, so a busy machine does not inflate it). A
-    class-image is one class present in the prediction or the ground truth of one image.
+
+def _smooth_field(rng, cells: tuple[int, int], height: int, width: int):
+    """[height, width] float32 smooth noise: coarse Gaussian noise, bilinearly interpolated rows then
+    columns with gathers (no BLAS call: its threads would fight the worker processes)."""
+    import numpy as np
+
+    def lerp(values: np.ndarray, n: int, axis: int) -> np.ndarray:
+        k = values.shape[axis]
+        pos = np.linspace(0, k - 1, n, dtype=np.float32)
+        low = np.minimum(pos.astype(int), k - 2)
+        frac = pos - low
+        shape = (n, 1) if axis == 0 else (1, n)
+        return (np.take(values, low, axis) * (1 - frac).reshape(shape)
+                + np.take(values, low + 1, axis) * frac.reshape(shape))
+    return lerp(lerp(rng.standard_normal(cells, dtype=np.float32), height, 0), width, 1)
+
+
+def _voc_pair(index: int, height: int, width: int, num_classes: int):
+    """VOC-like: background plus 1-3 object classes as smooth random blobs, with VOC's 255 band
+    (5 px) along every class change; prediction = the clean map warped by a smooth random
+    displacement (std about 2-3 px, tails beyond the 4.7 px tolerance: boundaries move, thin parts
+    break), plus a wrongly classified region in a third of the images."""
+    import numpy as np
+
+    rng = np.random.default_rng(index)
+    clean = np.zeros((height, width), np.uint8)  # background 0
+    for cls in rng.choice(np.arange(1, num_classes), size=rng.integers(1, 4), replace=False):
+        blob = _smooth_field(rng, (int(rng.integers(3, 7)), int(rng.integers(4, 9))), height, width)
+        clean[blob > rng.uniform(0.6, 1.4)] = cls
+    rows, cols = np.mgrid[:height, :width].astype(np.float32)
+    ys = np.clip(np.rint(rows + 3 * _smooth_field(rng, (8, 10), height, width)), 0, height - 1).astype(np.intp)
+    xs = np.clip(np.rint(cols + 3 * _smooth_field(rng, (8, 10), height, width)), 0, width - 1).astype(np.intp)
+    pred = clean[ys, xs]
+    if rng.random() < 1 / 3:  # a confused region: part of an object takes another class
+        pred = pred.copy()
+        pred[_smooth_field(rng, (4, 5), height, width) > 1.5] = rng.integers(0, num_classes)
+    # Ground truth: the class changes, grown twice by their 4-neighbours (city-block distance <= 2), are void.
+    band = np.zeros((height, width), bool)
+    band[:, 1:] |= clean[:, 1:] != clean[:, :-1]
+    band[1:, :] |= clean[1:, :] != clean[:-1, :]
+    for _ in range(2):
+        grown = band.copy()
+        grown[1:] |= band[:-1]
+        grown[:-1] |= band[1:]
+        grown[:, 1:] |= band[:, :-1]
+        grown[:, :-1] |= band[:, 1:]
+        band = grown
+    gt = clean.copy()
+    gt[band] = 255
+    return pred, gt
+
+
+def _cityscapes_pair(index: int, height: int, width: int, num_classes: int, wrong: float = 0.2,
+                     warp: float = 0.0, stride: int = 8):
+    """Cityscapes-like: ground truth = 8-19 classes as the argmax of smooth random fields (regions
+    with smooth outlines) plus void blobs (255). Prediction, fragmented (warp 0): at output
+    stride 8, the class at the centre of each 8x8 cell (void cells: the first class), a fraction
+    `wrong` of the cells replaced by a random one of the image's classes, repeated to full size.
+    Smooth (warp > 0): the classes sampled at positions displaced by a smooth random field of
+    about `warp` px standard deviation (outlines moved, none broken into cells)."""
+    import numpy as np
+
+    rng = np.random.default_rng(index)
+    classes = rng.choice(num_classes, size=int(rng.integers(8, num_classes + 1)), replace=False)
+    fields = np.stack([_smooth_field(rng, (int(rng.integers(3, 9)), int(rng.integers(5, 17))), height, width)
+                       for _ in classes])
+    clean = classes[fields.argmax(axis=0)].astype(np.uint8)
+    gt = clean.copy()
+    gt[_smooth_field(rng, (4, 8), height, width) > 1.6] = 255
+    if warp > 0:
+        rows, cols = np.mgrid[:height, :width].astype(np.float32)
+        ys = np.clip(np.rint(rows + warp * _smooth_field(rng, (8, 16), height, width)), 0, height - 1)
+        xs = np.clip(np.rint(cols + warp * _smooth_field(rng, (8, 16), height, width)), 0, width - 1)
+        return clean[ys.astype(np.intp), xs.astype(np.intp)], gt
+    cells = gt[stride // 2::stride, stride // 2::stride].copy()
+    cells[cells == 255] = classes[0]
+    swapped = rng.random(cells.shape) < wrong
+    cells[swapped] = rng.choice(classes, size=int(swapped.sum()))
+    pred = np.repeat(np.repeat(cells, stride, axis=0), stride, axis=1)[:height, :width]
+    return np.ascontiguousarray(pred), gt
+
+
+def _boundary_stats_before(rev: str):
+    """boundary_stats of commit `rev` (`git show REV:evaluate.py`, loaded as its own module), or
+    None with the reason when git, the commit or its imports are missing."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    if rev in ("", "none"):
+        return None, "not asked for"
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        text = subprocess.run(["git", "show", f"{rev}:evaluate.py"], cwd=here, capture_output=True, text=True,
+                              check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as error:
+        return None, f"git show {rev}:evaluate.py failed ({error})"
+    path = os.path.join(tempfile.mkdtemp(prefix="bench_eval_"), f"evaluate_{rev}.py")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    try:
+        spec = importlib.util.spec_from_file_location(f"evaluate_{rev}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.boundary_stats, f"evaluate.py of {rev}"
+    except Exception as error:  # an old file whose imports no longer resolve: measure the new code alone
+        return None, f"evaluate.py of {rev} does not import here ({type(error).__name__}: {error})"
+
+
+def bench_eval(args: argparse.Namespace) -> None:
+    """The boundary metric (boundary.boundary_stats) beside the code of --before-rev, on the same
+    synthetic pairs in one run, all cores: --size voc (1449 VOC-sized 500x375 pairs, 21 classes) or
+    cityscapes (16 fragmented 2048x1024 pairs, 19 classes; `_cityscapes_pair`).
+
+    Each worker process generates and scores its share; per image it runs the new and the old
+    code one after the other (alternating which goes first) and checks that their counts are
+    equal. Times are CPU time per process (so other jobs on the machine inflate them less than
+    wall time). A class-image is one class present in the prediction or the ground truth of one image.
     """
+    import functools
     import multiprocessing
-    import os
     import time
 
     import numpy as np
@@ -297,67 +412,40 @@ def bench_eval(args: argparse.Namespace) -> None:
     import checks
     import evaluate
 
-    num_images, height, width, num_classes = 1449, 375, 500, 21
+    default_images, height, width, num_classes = EVAL_SIZES[args.size]
+    num_images = args.images or default_images
+    if args.size == "voc":
+        make_pair = _voc_pair
+    else:
+        make_pair = functools.partial(_cityscapes_pair, wrong=args.wrong, warp=args.warp)
+    before, before_name = _boundary_stats_before(args.before_rev)
     workers = checks.usable_cpus()
-
-    def smooth_field(rng: np.random.Generator, cells: tuple[int, int]) -> np.ndarray:
-        # [height, width] smooth noise: coarse Gaussian noise, bilinearly interpolated rows then
-        # columns with gathers (no BLAS call: its threads would fight the worker processes).
-        def lerp(values: np.ndarray, n: int, axis: int) -> np.ndarray:
-            k = values.shape[axis]
-            pos = np.linspace(0, k - 1, n, dtype=np.float32)
-            low = np.minimum(pos.astype(int), k - 2)
-            frac = pos - low
-            shape = (n, 1) if axis == 0 else (1, n)
-            return (np.take(values, low, axis) * (1 - frac).reshape(shape)
-                    + np.take(values, low + 1, axis) * frac.reshape(shape))
-        return lerp(lerp(rng.standard_normal(cells, dtype=np.float32), height, 0), width, 1)
-
-    rows, cols = np.mgrid[:height, :width].astype(np.float32)
-
-    def make_pair(index: int) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng(index)
-        clean = np.zeros((height, width), np.uint8)  # background 0
-        for cls in rng.choice(np.arange(1, num_classes), size=rng.integers(1, 4), replace=False):
-            blob = smooth_field(rng, (int(rng.integers(3, 7)), int(rng.integers(4, 9))))
-            clean[blob > rng.uniform(0.6, 1.4)] = cls
-        # Prediction: the clean map sampled at smoothly displaced positions.
-        ys = np.clip(np.rint(rows + 3 * smooth_field(rng, (8, 10))), 0, height - 1).astype(np.intp)
-        xs = np.clip(np.rint(cols + 3 * smooth_field(rng, (8, 10))), 0, width - 1).astype(np.intp)
-        pred = clean[ys, xs]
-        if rng.random() < 1 / 3:  # a confused region: part of an object takes another class
-            pred = pred.copy()
-            pred[smooth_field(rng, (4, 5)) > 1.5] = rng.integers(0, num_classes)
-        # Ground truth: VOC marks a band of about 5 px along object outlines as void (255):
-        # the class changes, grown twice by their 4-neighbours (city-block distance <= 2).
-        band = np.zeros((height, width), bool)
-        band[:, 1:] |= clean[:, 1:] != clean[:, :-1]
-        band[1:, :] |= clean[1:, :] != clean[:-1, :]
-        for _ in range(2):
-            grown = band.copy()
-            grown[1:] |= band[:-1]
-            grown[:-1] |= band[1:]
-            grown[:, 1:] |= band[:, :-1]
-            grown[:, :-1] |= band[:, 1:]
-            band = grown
-        gt = clean.copy()
-        gt[band] = 255
-        return pred, gt
+    import scipy.sparse.csgraph  # noqa: F401  boundary.py imports it lazily: here, so no worker times it
 
     def work(indices: range, queue) -> None:  # runs in a forked child
         counts = np.zeros((num_classes, 4), np.int64)
-        gen_time = metric_time = 0.0
-        class_images = 0
-        for index in indices:  # CPU time of this process: fair on a shared machine
+        rows = []  # per image: (generation s, new s, old s or nan, class-images)
+        for index in indices:
             t0 = time.process_time()
-            pred, gt = make_pair(index)
-            t1 = time.process_time()
-            stats = boundary.boundary_stats(pred, gt, num_classes)
-            metric_time += time.process_time() - t1
-            gen_time += t1 - t0
-            counts += stats
-            class_images += int(np.count_nonzero(stats[:, 1] + stats[:, 3] > 0))
-        queue.put((counts, gen_time, metric_time, class_images))
+            pred, gt = make_pair(index, height, width, num_classes)
+            gen = time.process_time() - t0
+            seconds, results = {}, {}
+            order = ("new", "old") if index % 2 == 0 else ("old", "new")
+            for which in order:
+                if which == "old" and before is None:
+                    seconds["old"] = float("nan")
+                    continue
+                stats_of = boundary.boundary_stats if which == "new" else before
+                t0 = time.process_time()
+                results[which] = stats_of(pred, gt, num_classes)
+                seconds[which] = time.process_time() - t0
+            if "old" in results and not np.array_equal(results["old"], results["new"]):
+                queue.put(("error", f"image {index}: counts differ from {before_name}"))
+                return
+            counts += results["new"]
+            rows.append((gen, seconds["new"], seconds["old"],
+                         int(np.count_nonzero(results["new"][:, 1] + results["new"][:, 3] > 0))))
+        queue.put((counts, rows))
 
     # fork: the children get the local functions above without pickling them (Linux/macOS).
     ctx = multiprocessing.get_context("fork")
@@ -371,22 +459,49 @@ def bench_eval(args: argparse.Namespace) -> None:
     for proc in procs:
         proc.join()
     wall = time.perf_counter() - start
+    errors = [part[1] for part in parts if isinstance(part[0], str)]
+    if errors:
+        raise SystemExit(f"bench.py eval: the new boundary metric is not exact: {errors[0]}")
     counts = sum(part[0] for part in parts)
-    gen_time = sum(part[1] for part in parts)
-    metric_time = sum(part[2] for part in parts)
-    class_images = sum(part[3] for part in parts)
+    rows = [row for part in parts for row in part[1]]
+    _report_eval(args, counts, rows, wall, load, workers, before_name, before is not None)
+
+
+def _report_eval(args: argparse.Namespace, counts, rows: list, wall: float, load: float, workers: int,
+                 before_name: str, measured_before: bool) -> None:
+    """bench.py eval's printout: per-image CPU time of new and old, median [min - max]."""
+    import statistics
+
+    import numpy as np
+
+    import boundary
+
+    default_images, height, width, num_classes = EVAL_SIZES[args.size]
+    num_images = args.images or default_images
+    gen, new, old, class_images = (np.array(column, dtype=np.float64) for column in zip(*rows))
     recall, precision, f = boundary.boundary_prf(counts)
-    print(f"boundary metric, {num_images} synthetic {width}x{height} pairs, {num_classes} classes, "
+    kind = "" if args.size == "voc" else (f", predictions warped by ~{args.warp:g} px" if args.warp > 0 else
+                                         f", stride-8 predictions with {100 * args.wrong:g}% of the cells wrong")
+    print(f"boundary metric, {num_images} synthetic {width}x{height} pairs ({args.size}{kind}), {num_classes} classes, "
           f"max_dist {boundary.DEFAULT_MAX_DIST} (r = {boundary.match_radius((height, width)):.2f} px), "
-          f"{workers} worker processes")
-    print(f"wall time {wall:.1f} s (generation included; limit 60 s; load average {load:.1f} at start on "
-          f"{workers} cores)")
-    print(f"CPU time: metric {metric_time:.1f} s, generation {gen_time:.1f} s; on an idle machine "
-          f"about {(metric_time + gen_time) / workers:.1f} s wall, metric alone {metric_time / workers:.1f} s")
-    print(f"{class_images} class-images: {1e3 * metric_time / class_images:.2f} ms CPU per class-image, "
-          f"{1e3 * metric_time / num_images:.1f} ms CPU per image")
-    print(f"sanity: mean recall {evaluate.nanmean(recall):.3f}, precision {evaluate.nanmean(precision):.3f}, "
-          f"F {evaluate.nanmean(f):.3f}")
+          f"{workers} worker processes, load average {load:.1f} at start")
+    print(f"old = {before_name}; counts of old and new identical on every image" if measured_before
+          else f"old: not measured ({before_name})")
+
+    def spread(values: np.ndarray) -> str:
+        return f"{1e3 * np.median(values):8.1f} [{1e3 * values.min():.1f} - {1e3 * values.max():.1f}]"
+
+    print(f"{'ms CPU per image':<24} median [min - max]      per class-image")
+    print(f"{'new':<24} {spread(new):<26} {1e3 * new.sum() / class_images.sum():.2f} ms")
+    if measured_before:
+        print(f"{'old (' + args.before_rev + ')':<24} {spread(old):<26} {1e3 * old.sum() / class_images.sum():.2f} ms")
+        ratios = old / new
+        print(f"old / new per image: median {statistics.median(ratios):.2f}x [{ratios.min():.2f} - {ratios.max():.2f}]")
+    print(f"generation {spread(gen)} ms CPU per image; wall {wall:.1f} s for everything")
+    print(f"new alone on {workers} cores: about {new.sum() / workers:.1f} s wall for these {num_images} images"
+          + (f"; for Cityscapes val (500 images): about {500 * np.median(new) / workers:.0f} s (goal 60 s on 2 cores)"
+             if args.size == "cityscapes" else ""))
+    print(f"sanity: mean recall {np.nanmean(recall):.3f}, precision {np.nanmean(precision):.3f}, F {np.nanmean(f):.3f}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -740,6 +855,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batches", type=int, default=4, help="data: batches of 8 per window (default: 4)")
     parser.add_argument("--fixture-pairs", type=int, default=8,
                         help="data: Cityscapes-sized image/label pairs to generate (default: 8)")
+    parser.add_argument("--size", default="voc", choices=sorted(EVAL_SIZES),
+                        help="eval: voc (1449 pairs of 500x375) or cityscapes (16 fragmented pairs of 2048x1024) "
+                             "(default: voc)")
+    parser.add_argument("--images", type=int, default=0,
+                        help="eval: number of pairs (default 0 = the size's own: voc 1449, cityscapes 16)")
+    parser.add_argument("--wrong", type=float, default=0.2,
+                        help="eval --size cityscapes: fraction of the stride-8 prediction's 8x8 cells given a wrong "
+                             "class (default 0.2)")
+    parser.add_argument("--warp", type=float, default=0.0,
+                        help="eval --size cityscapes: instead of cells, predict the true classes moved by a smooth "
+                             "random displacement of about this many px (default 0: stride-8 cells)")
+    parser.add_argument("--before-rev", default=EVAL_BEFORE_REV,
+                        help=f"eval: also time boundary_stats of this commit's evaluate.py on the same pairs, "
+                             f"checking equal counts; none to skip (default: {EVAL_BEFORE_REV}, the code before "
+                             f"boundary.py)")
     parser.add_argument("--case", default="", help=argparse.SUPPRESS)   # internal: one losses case
     return parser
 

@@ -3,6 +3,7 @@
     python evaluate.py --ckpt model.pt --metric all                      # data set from the checkpoint
     python evaluate.py --ckpt model.pt --dataset voc --data-root VOCdevkit --metric boundary
     python evaluate.py --pred-dir preds/ --dataset voc --data-root VOCdevkit --metric all
+    python evaluate.py --pred-dir preds/ --dataset cityscapes --data-root cityscapes --metric biou --biou-dilation 0.005
     python evaluate.py --ckpt aaf.pt --metric kernels                    # paper Fig. 3
     python evaluate.py --ckpt ce.pt --metric all --crf                   # + dense CRF (crf.py, Table 6)
     torchrun --nproc_per_node=4 evaluate.py --ckpt model.pt --metric all --amp   # 4 GPUs, bf16 network
@@ -13,7 +14,9 @@ Metrics (docs/metrics.md, whose section numbers the comments below cite):
    ground-truth instances of that class in the image.
 3. Boundary precision / recall / F (Tables 4 and 8): the BSDS500 protocol on the boundaries of
    each class's binary masks, with an exact one-to-one maximum matching within a radius of
-   0.75% of the image diagonal.
+   0.75% of the image diagonal (boundary.py).
+4. Boundary IoU (Cheng et al., CVPR 2021; not in the paper, `--metric biou`): per class, the IoU
+   of the ground-truth and predicted masks' inner bands of width d (boundary.py).
 
 Predictions come from infer.predict (sliding window, scales, flip; docs/protocol.md §7) or from saved label
 PNGs (`--pred-dir`), so that the outputs of any method can be scored the same way. Under torchrun
@@ -43,7 +46,7 @@ import data
 import distributed
 import infer
 
-METRICS = ("miou", "instance", "boundary")
+METRICS = ("miou", "instance", "boundary", "biou")
 # Errors of the input (files, flags, data): one line, never a traceback (also from a torchrun rank).
 INPUT_ERRORS = (FileNotFoundError, ValueError, data.DatasetError)
 
@@ -211,11 +214,13 @@ def instance_miou(iou_weighted_sum: np.ndarray, n_instances: np.ndarray) -> tupl
 # --------------------------------------------------------------------------------------------
 def score_pairs(pairs: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray | None]], num_classes: int,
                 dataset_name: str, metrics: Sequence[str] = ("miou",), max_dist: float = boundary.DEFAULT_MAX_DIST,
-                workers: int = 0, total: int | None = None, progress: bool = True) -> dict[str, np.ndarray]:
+                workers: int = 0, total: int | None = None, progress: bool = True,
+                biou_dilation: float = boundary.DEFAULT_BIOU_DILATION) -> dict[str, np.ndarray]:
     """Accumulate the raw counts of the requested metrics over (pred, gt, instances) triples.
 
     Returns {"confusion": [C, C + 1], "instance_sum": [C], "instance_count": [C],
-    "boundary": [C, 4], "num_images": int} (only the requested entries).
+    "boundary": [C, 4], "biou": [C, 2], "num_images": int} (only the requested entries). The
+    boundary metrics run in `workers` processes (boundary.BoundaryPool).
     """
     unknown = set(metrics) - set(METRICS)
     if unknown:
@@ -223,7 +228,10 @@ def score_pairs(pairs: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray | None]
     confusion = np.zeros((num_classes, num_classes + 1), dtype=np.int64)
     inst_sum = np.zeros(num_classes, dtype=np.float64)
     inst_count = np.zeros(num_classes, dtype=np.int64)
-    pool = boundary.BoundaryPool(num_classes, max_dist, workers) if "boundary" in metrics else None
+    pool = None
+    if "boundary" in metrics or "biou" in metrics:
+        pool = boundary.BoundaryPool(num_classes, max_dist if "boundary" in metrics else None, workers,
+                                     biou_dilation if "biou" in metrics else None)
     start = last_print = time.perf_counter()
     done = 0
     try:
@@ -243,7 +251,7 @@ def score_pairs(pairs: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray | None]
             if progress and (now - last_print > 2.0 or done == total):
                 print(infer.progress_line(done, total or done, start), file=sys.stderr, flush=True)
                 last_print = now
-        counts = pool.result() if pool is not None else None
+        counts = pool.totals() if pool is not None else {}
     finally:
         if pool is not None:
             pool.close()
@@ -252,8 +260,7 @@ def score_pairs(pairs: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray | None]
         raw["confusion"] = confusion
     if "instance" in metrics:
         raw["instance_sum"], raw["instance_count"] = inst_sum, inst_count
-    if counts is not None:
-        raw["boundary"] = counts
+    raw.update(counts)  # "boundary" [C, 4], "biou" [C, 2]
     return raw
 
 
@@ -280,6 +287,10 @@ def summarize(raw: dict[str, Any], class_names: Sequence[str], dataset_name: str
             "mean_recall": nanmean(recall), "mean_precision": nanmean(precision), "mean_f": nanmean(f),
             "counts": raw["boundary"].tolist(),  # per class: cntR, sumR, cntP, sumP
         }
+    if "biou" in raw:  # Boundary IoU (docs/metrics.md §4): NaN for a class in no band anywhere
+        per_class, mean = boundary.biou(raw["biou"])
+        results["biou"] = {"iou": per_class.tolist(), "mean_iou": mean,
+                           "counts": raw["biou"].tolist()}  # per class: intersection, union
     return results
 
 
@@ -317,6 +328,7 @@ def evaluate_model(model: torch.nn.Module, dataset, dataset_name: str, metrics: 
                    workers: int = 0, save_pred: str | os.PathLike | None = None,
                    progress: bool = True, crf_params: crf.CRFParams | None = None,
                    window_batch: int | None = None, amp: bool = False,
+                   biou_dilation: float = boundary.DEFAULT_BIOU_DILATION,
                    dist: distributed.Dist = distributed.Dist()) -> dict[str, Any]:
     """Predict every image of `dataset` (full images, train=False) and score the predictions.
 
@@ -363,11 +375,14 @@ def evaluate_model(model: torch.nn.Module, dataset, dataset_name: str, metrics: 
 
     with distributed.FailTogether(dist, INPUT_ERRORS):
         raw = score_pairs(pairs(), info.num_classes, dataset_name, metrics, max_dist, workers,
-                          total=len(share), progress=progress and dist.is_main)
+                          total=len(share), progress=progress and dist.is_main,
+                          biou_dilation=biou_dilation)
     totals = distributed.sum_counts({"raw": raw, "seconds": seconds}, dist)
     raw, seconds = totals["raw"], totals["seconds"]
     settings = {"crop_size": crop_size, "stride": stride, "scales": list(scales), "flip": flip,
                 "max_dist": max_dist, "crf": None if crf_params is None else dataclasses.asdict(crf_params)}
+    if "biou" in metrics:
+        settings["biou_dilation"] = biou_dilation
     results = summarize(raw, info.class_names, dataset_name, settings)
     count = max(raw["num_images"], 1)
     results["timing"] = {"network_s_per_image": seconds["network"] / count,
@@ -460,6 +475,7 @@ def prediction_reader(pred_dir: str | os.PathLike, dataset, dataset_name: str, i
 def evaluate_predictions(pred_dir: str | os.PathLike, dataset, dataset_name: str,
                          metrics: Sequence[str] = ("miou",), max_dist: float = boundary.DEFAULT_MAX_DIST,
                          workers: int = 0, progress: bool = True, pred_format: str = "auto",
+                         biou_dilation: float = boundary.DEFAULT_BIOU_DILATION,
                          dist: distributed.Dist = distributed.Dist()) -> dict[str, Any]:
     """Score saved label PNGs in one of infer.py's layouts (`pred_format`, see infer.py):
     palette `<pred_dir>/<name>.png` and voc `<pred_dir>/results/VOC2012/Segmentation/comp6_test_cls/
@@ -485,10 +501,12 @@ def evaluate_predictions(pred_dir: str | os.PathLike, dataset, dataset_name: str
     with distributed.FailTogether(dist, INPUT_ERRORS):
         pred_format, read = prediction_reader(pred_dir, dataset, dataset_name, info, pred_format, progress)
         raw = score_pairs(pairs(read), info.num_classes, dataset_name, metrics, max_dist, workers,
-                          total=len(share), progress=progress)
+                          total=len(share), progress=progress, biou_dilation=biou_dilation)
     raw = distributed.sum_counts(raw, dist)
-    return summarize(raw, info.class_names, dataset_name,
-                     {"pred_dir": str(Path(pred_dir)), "pred_format": pred_format, "max_dist": max_dist})
+    settings = {"pred_dir": str(Path(pred_dir)), "pred_format": pred_format, "max_dist": max_dist}
+    if "biou" in metrics:
+        settings["biou_dilation"] = biou_dilation
+    return summarize(raw, info.class_names, dataset_name, settings)
 
 
 # --------------------------------------------------------------------------------------------
@@ -528,12 +546,18 @@ def format_results(results: dict[str, Any]) -> str:
         parts.append(f"instance-wise mIoU (%), paper Tables 3, 7{counting}\n" + format_table(
             names, [("inst. IoU", results["instance_iou"], results["instance_miou"])], _percent,
             "instance mIoU"))
+    titles, rows = [], []  # the boundary metrics share one table: P/R/F rows, then Boundary IoU
     if "boundary" in results:
         b = results["boundary"]
-        parts.append(f"boundary (max_dist {results['settings'].get('max_dist')}), paper Tables 4, 8\n"
-                     + format_table(names, [("recall", b["recall"], b["mean_recall"]),
-                                            ("precision", b["precision"], b["mean_precision"]),
-                                            ("F", b["f"], b["mean_f"])], _fraction, "mean"))
+        titles.append(f"boundary (max_dist {results['settings'].get('max_dist')}), paper Tables 4, 8")
+        rows += [("recall", b["recall"], b["mean_recall"]), ("precision", b["precision"], b["mean_precision"]),
+                 ("F", b["f"], b["mean_f"])]
+    if "biou" in results:
+        titles.append(f"Boundary IoU (band {results['settings'].get('biou_dilation')} of the diagonal; "
+                      f"Cheng et al. 2021, not in the paper)")
+        rows.append(("Boundary IoU", results["biou"]["iou"], results["biou"]["mean_iou"]))
+    if rows:
+        parts.append("; ".join(titles) + "\n" + format_table(names, rows, _fraction, "mean"))
     timing = results.get("timing")
     if timing:
         crf_s = timing.get("crf_s_per_image")
@@ -577,9 +601,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-root", help="data set folder (default: none; not needed for synthetic)")
     parser.add_argument("--split", help=f"split to score (default: the data set's validation split: "
                                         f"{data.per_dataset_text('val_split')})")
-    parser.add_argument("--metric", default="miou", choices=["miou", "instance", "boundary", "all", "kernels"],
-                        help="mIoU, instance-wise mIoU, boundary P/R/F, all three, or the learned AAF field "
-                             "sizes of --ckpt (paper Fig. 3) (default: miou)")
+    parser.add_argument("--metric", default="miou", choices=["miou", "instance", "boundary", "biou", "all", "kernels"],
+                        help="mIoU, instance-wise mIoU, boundary P/R/F, Boundary IoU (Cheng et al. 2021; not in the "
+                             "paper), all four, or the learned AAF field sizes of --ckpt (paper Fig. 3) (default: miou)")
     parser.add_argument("--scales", type=float, nargs="+",
                         help=f"test scales (default: the data set's: {data.per_dataset_text('eval_scales')})")
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
@@ -592,10 +616,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-dist", type=float, default=boundary.DEFAULT_MAX_DIST,
                         help=f"boundary tolerance as a fraction of the image diagonal, in [0, 1) "
                              f"(default: {boundary.DEFAULT_MAX_DIST}, the BSDS value)")
+    parser.add_argument("--biou-dilation", type=float, default=boundary.DEFAULT_BIOU_DILATION,
+                        help=f"Boundary IoU band width d as a fraction of the image diagonal, in (0, 1), rounded to "
+                             f"whole pixels, at least 1 (default: {boundary.DEFAULT_BIOU_DILATION}, the authors' "
+                             f"default; they use 0.005 for Cityscapes' 2048x1024 images)")
     parser.add_argument("--save-pred", help="also write the predicted label PNGs to this folder (default: none)")
     parser.add_argument("--workers", type=int,
-                        help=f"processes for the boundary metric, 0: in the main process (default: the usable "
-                             f"cores shared among the torchrun processes of this machine, here "
+                        help=f"processes for the boundary metrics (P/R/F, Boundary IoU), 0: in the main process "
+                             f"(default: the usable cores shared among the torchrun processes of this machine, here "
                              f"{default_workers()} per process)")
     parser.add_argument("--length", type=int, help="score only the first N images, N >= 1 (default: the whole split; "
                                                    "for synthetic, the split's size)")
@@ -624,6 +652,9 @@ def check_args(args: argparse.Namespace) -> None:
     if not (math.isfinite(args.max_dist) and 0 <= args.max_dist < 1):
         problems.append(f"--max-dist {args.max_dist} must be a fraction of the image diagonal in [0, 1) "
                         f"(default {boundary.DEFAULT_MAX_DIST})")
+    if not (math.isfinite(args.biou_dilation) and 0 < args.biou_dilation < 1):
+        problems.append(f"--biou-dilation {args.biou_dilation} must be a fraction of the image diagonal in (0, 1) "
+                        f"(default {boundary.DEFAULT_BIOU_DILATION})")
     if args.workers is not None and args.workers < 0:
         problems.append(f"--workers {args.workers} must be >= 0 (0 computes the boundary metric in this process)")
     if args.length is not None and args.length < 1:
@@ -730,11 +761,12 @@ def evaluate_job(args: argparse.Namespace, dist: distributed.Dist, device: torch
         results = evaluate_model(model, dataset, dataset_name, metrics, args.crop_size, args.stride, scales,
                                  flip, args.max_dist, device, workers, args.save_pred,
                                  crf_params=crf.params_from_args(args, dataset_name),
-                                 window_batch=args.window_batch, amp=args.amp, dist=dist)
+                                 window_batch=args.window_batch, amp=args.amp, biou_dilation=args.biou_dilation,
+                                 dist=dist)
         results["checkpoint"] = str(args.ckpt)
     else:
         results = evaluate_predictions(args.pred_dir, dataset, dataset_name, metrics, args.max_dist, workers,
-                                       pred_format=args.pred_format, dist=dist)
+                                       pred_format=args.pred_format, biou_dilation=args.biou_dilation, dist=dist)
     results["split"] = split
     if "instance_miou" in results:  # n_{c,x} from instance maps, or one per present class without them
         results["instance_counting"] = "instance maps" if dataset.has_instances else "one instance per present class (no instance maps)"

@@ -293,3 +293,215 @@ def test_boundary_pool_workers_give_the_same_counts():
     for p, g in pairs:
         pool.add(p, g)
     np.testing.assert_array_equal(pool.result(), serial)
+
+
+# --------------------------------------------------------------------------------------------
+# The fast pipeline's parts against the literal rules
+# --------------------------------------------------------------------------------------------
+def test_boundary_points_of_all_classes_equal_seg2bdry_of_each_mask():
+    """One pass over the label map gives every class's seg2bdry map: odd shapes (one row, one
+    column, one pixel), void and out-of-range values, uint8 and int64 labels."""
+    rng = np.random.default_rng(7)
+    shapes = [(1, 1), (1, 9), (8, 1), (2, 2)] + [tuple(int(v) for v in rng.integers(2, 30, size=2)) for _ in range(60)]
+    for trial, shape in enumerate(shapes):
+        num_classes = int(rng.integers(1, 6))
+        labels = rng.integers(-1, num_classes + 2, size=shape) if trial % 3 == 0 else blobs(rng, shape, 5, 3)
+        labels[rng.random(shape) < 0.1] = 255
+        if trial % 2:
+            labels = labels.astype(np.int64)
+        frame = shape[1] + 2
+        points = boundary.boundary_points(labels, num_classes)
+        assert len(points) == num_classes
+        for c in range(num_classes):
+            ys, xs = np.nonzero(literal_seg2bdry(labels == c))
+            np.testing.assert_array_equal(np.sort(points[c]), (ys + 1) * frame + xs + 1, err_msg=f"{trial} {c}")
+
+
+def test_greedy_start_is_completed_by_augmenting_paths():
+    # Left a = (0, 2), b = (0, 4); right p = (0, 3), q = (0, 0); radius 2. Nearest first, a and b
+    # both want p; a gets it and b has nothing else, so the greedy start has 1 pair; the maximum
+    # is 2 (a-q, b-p), reached through the augmenting path b -> p -> a -> q.
+    graph = boundary.radius_graph((np.array([0, 0]), np.array([2, 4])), (np.array([0, 0]), np.array([3, 0])),
+                                  (1, 6), 2.0)
+    match_left, _ = boundary.greedy_matching(graph)
+    assert np.count_nonzero(match_left >= 0) == 1
+    assert boundary.max_matching_size(graph) == 2
+    assert reference_matching_size(np.array([[0, 2], [0, 4]]), np.array([[0, 3], [0, 0]]), 2.0) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# Boundary IoU (docs/metrics.md §4) against brute force
+# --------------------------------------------------------------------------------------------
+def literal_inner_band(mask: np.ndarray, d: int) -> np.ndarray:
+    """Pixels of `mask` whose Chebyshev distance to the nearest pixel that is not in the mask, or
+    to the nearest pixel outside the image, is <= d: brute force over all pixels."""
+    height, width = mask.shape
+    ys, xs = np.nonzero(~mask)
+    out = np.zeros_like(mask)
+    for i in range(height):
+        for j in range(width):
+            if not mask[i, j]:
+                continue
+            nearest = min(i + 1, j + 1, height - i, width - j)  # rows -1 and H, columns -1 and W
+            if ys.size:
+                nearest = min(nearest, int(np.max([np.abs(ys - i), np.abs(xs - j)], axis=0).min()))
+            out[i, j] = nearest <= d
+    return out
+
+
+def eroded_band(mask: np.ndarray, d: int) -> np.ndarray:
+    """The authors' construction, literally: pad with one zero pixel, erode d times with a 3x3
+    square (outside the padded image does not erode), and take the mask minus the erosion."""
+    padded = np.pad(mask, 1)
+    for _ in range(d):
+        grown = np.pad(padded, 1, constant_values=True)  # beyond the padding: no erosion
+        padded = np.logical_and.reduce([grown[1 + dy:grown.shape[0] - 1 + dy, 1 + dx:grown.shape[1] - 1 + dx]
+                                        for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+    return mask & ~padded[1:-1, 1:-1]
+
+
+def literal_biou_counts(pred: np.ndarray, gt: np.ndarray, num_classes: int, ratio: float,
+                        band=literal_inner_band) -> np.ndarray:
+    """[C, 2] (intersection, union) of the classes' inner bands, void pixels not counted."""
+    d = max(int(round(ratio * math.sqrt(gt.shape[0] ** 2 + gt.shape[1] ** 2))), 1)
+    valid = gt < num_classes
+    out = np.zeros((num_classes, 2), dtype=np.int64)
+    for c in range(num_classes):
+        band_gt = band(gt == c, d) & valid
+        band_pred = band(pred == c, d) & valid
+        out[c] = (np.sum(band_gt & band_pred), np.sum(band_gt | band_pred))
+    return out
+
+
+def test_inner_band_is_the_distance_rule_and_the_authors_erosion():
+    rng = np.random.default_rng(8)
+    for trial in range(40):
+        shape = (int(rng.integers(1, 16)), int(rng.integers(1, 19)))
+        labels = blobs(rng, shape, 4, 3) if trial % 2 else rng.integers(0, 3, size=shape).astype(np.uint8)
+        labels[rng.random(shape) < 0.1] = 255
+        d = int(rng.integers(1, 6))
+        band = boundary.inner_band(labels, d)
+        for c in (0, 1, 2, 255):
+            mask = labels == c
+            expected = literal_inner_band(mask, d)
+            np.testing.assert_array_equal(band & mask, expected, err_msg=f"{trial} {c}")
+            np.testing.assert_array_equal(eroded_band(mask, d), expected, err_msg=f"{trial} {c}")
+
+
+def test_biou_counts_equal_brute_force_with_void():
+    rng = np.random.default_rng(9)
+    total, expected_total = np.zeros((5, 2), np.int64), np.zeros((5, 2), np.int64)
+    for trial in range(12):
+        shape = (int(rng.integers(6, 24)), int(rng.integers(6, 28)))
+        gt = blobs(rng, shape, 5, int(rng.integers(1, 5)))
+        gt[rng.random(shape) < 0.05] = 255  # void: bounds the bands, never counted
+        pred = perturb(rng, np.where(gt == 255, 0, gt).astype(np.uint8), 5)
+        pred[rng.random(shape) < 0.03] = 255  # "no prediction": a miss, in no class's band
+        ratio = float(rng.choice([0.01, 0.05, 0.1, 0.2]))
+        counts = boundary.biou_stats(pred, gt, 5, ratio)
+        expected = literal_biou_counts(pred, gt, 5, ratio)
+        np.testing.assert_array_equal(counts, expected, err_msg=str(trial))
+        total += counts
+        expected_total += expected
+    per_class, mean = boundary.biou(total)
+    present = expected_total[:, 1] > 0
+    np.testing.assert_allclose(per_class[present], expected_total[present, 0] / expected_total[present, 1])
+    assert np.isnan(per_class[~present]).all()
+    assert mean == pytest.approx(np.mean(expected_total[present, 0] / expected_total[present, 1]))
+
+
+def test_biou_hand_computed_square():
+    # 12 x 14 image (diagonal 18.4): ratio 0.06 -> d = round(1.1) = 1. GT: a 6 x 6 square of class 1
+    # at rows 3-8, columns 4-9; its band is the 20-pixel outer ring. Prediction: the same square
+    # moved one column right; the two rings share 5 pixels of the top row and 5 of the bottom row
+    # (their side columns 4, 9 and 5, 10 differ): intersection 10, union 20 + 20 - 10 = 30.
+    gt = np.zeros((12, 14), np.uint8)
+    gt[3:9, 4:10] = 1
+    pred = np.zeros_like(gt)
+    pred[3:9, 5:11] = 1
+    ring_gt = {(i, j) for i in range(3, 9) for j in range(4, 10)} - {(i, j) for i in range(4, 8) for j in range(5, 9)}
+    ring_pred = {(i, j + 1) for i, j in ring_gt}
+    counts = boundary.biou_stats(pred, gt, 2, 0.06)
+    assert boundary.biou_band_width(gt.shape, 0.06) == 1
+    assert tuple(counts[1]) == (len(ring_gt & ring_pred), len(ring_gt | ring_pred)) == (10, 30)
+    # Class 0 (background): its band is the image's outer ring plus the ring around the square.
+    assert counts[0, 1] > 0 and counts[0, 0] < counts[0, 1]
+    # A band wider than half the image: every pixel of a class is in its band.
+    wide = boundary.biou_stats(pred, gt, 2, 0.5)
+    np.testing.assert_array_equal(wide, [[np.sum((gt == 0) & (pred == 0)), np.sum((gt == 0) | (pred == 0))],
+                                         [np.sum((gt == 1) & (pred == 1)), np.sum((gt == 1) | (pred == 1))]])
+
+
+def test_biou_band_width_rounds_like_the_authors():
+    assert boundary.biou_band_width((1024, 2048), 0.005) == 11  # 0.005 * 2289.7 = 11.4
+    assert boundary.biou_band_width((1024, 2048), 0.02) == 46  # 45.8
+    assert boundary.biou_band_width((375, 500), 0.02) == 12  # 12.5 -> round half to even
+    assert boundary.biou_band_width((10, 10), 0.01) == 1  # 0.14 -> 0 -> at least 1
+
+
+def test_boundary_pool_gives_biou_counts_in_workers_too():
+    rng = np.random.default_rng(10)
+    pairs = []
+    for _ in range(5):
+        gt = blobs(rng, (30, 44), 4, 3)
+        gt[rng.random(gt.shape) < 0.05] = 255
+        pairs.append((perturb(rng, np.where(gt == 255, 0, gt).astype(np.uint8), 4), gt))
+    serial_biou = sum(boundary.biou_stats(p, g, 4, 0.03) for p, g in pairs)
+    serial_prf = sum(boundary.boundary_stats(p, g, 4) for p, g in pairs)
+    for workers in (0, 2):
+        pool = boundary.BoundaryPool(4, boundary.DEFAULT_MAX_DIST, workers, biou_dilation=0.03)
+        for p, g in pairs:
+            pool.add(p, g)
+        totals = pool.totals()
+        np.testing.assert_array_equal(totals["biou"], serial_biou)
+        np.testing.assert_array_equal(totals["boundary"], serial_prf)
+        only_biou = boundary.BoundaryPool(4, None, workers, biou_dilation=0.03)
+        for p, g in pairs:
+            only_biou.add(p, g)
+        assert set(only_biou.totals()) == {"biou"}
+
+
+def test_both_ways_of_augmenting_reach_the_reference_maximum():
+    """`augment` finishes with Python searches or, when they grow long, with the compiled maximum
+    flow; each path alone, from the greedy start, must give the exact maximum."""
+    rng = np.random.default_rng(4)  # the maps of test_two_exact_matchers_agree_on_random_boundary_maps
+    for trial in range(150):
+        shape = (int(rng.integers(8, 48)), int(rng.integers(8, 48)))
+        bdry_a, bdry_b = boundary_map_pair(rng, shape)
+        radius = float(rng.choice([1.0, 1.5, 2.5, 4.69, rng.uniform(0.5, 6.0)]))
+        expected = reference_matching_size(np.argwhere(bdry_a), np.argwhere(bdry_b), radius)
+        graph = boundary.radius_graph(np.nonzero(bdry_a), np.nonzero(bdry_b), shape, radius)
+        for finish in ("dfs", "flow", "both"):
+            match_left, match_right = boundary.greedy_matching(graph)
+            if finish == "dfs":
+                _, finished = boundary.dfs_augment(graph, match_left, match_right)
+                assert finished
+            elif finish == "flow":
+                boundary.max_flow_augment(graph, match_left, match_right)
+            else:  # a few searches, then the flow from wherever they stopped
+                _, finished = boundary.dfs_augment(graph, match_left, match_right, base=3, per_search=0)
+                if not finished:
+                    boundary.max_flow_augment(graph, match_left, match_right)
+            matched = np.flatnonzero(match_left >= 0)
+            assert matched.size == expected, (trial, finish)
+            # a valid matching: partners agree both ways and every pair is within the radius
+            np.testing.assert_array_equal(match_right[match_left[matched]], matched)
+            ay, ax = np.nonzero(bdry_a)
+            by, bx = np.nonzero(bdry_b)
+            v = match_left[matched]
+            assert np.all(np.hypot(ay[matched] - by[v], ax[matched] - bx[v]) <= radius)
+
+
+def test_all_edges_are_every_pair_within_the_radius():
+    rng = np.random.default_rng(12)
+    for trial in range(60):
+        shape = (int(rng.integers(1, 40)), int(rng.integers(1, 40)))
+        a = np.nonzero(rng.random(shape) < 0.2)
+        b = np.nonzero(rng.random(shape) < rng.uniform(0.01, 0.5))
+        radius = float(rng.choice([0.0, 1.0, 1.5, 2.0, 4.69, 7.3]))
+        graph = boundary.radius_graph(a, b, shape, radius)
+        # every pair, by brute force (np.hypot, as the disk of offsets is drawn)
+        dist = np.hypot(a[0][:, None] - b[0][None, :], a[1][:, None] - b[1][None, :])
+        expected = sorted(zip(*(idx.tolist() for idx in np.nonzero(dist <= radius))))
+        u, v = graph.all_edges()
+        assert sorted(zip(u.tolist(), v.tolist())) == expected, trial

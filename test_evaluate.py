@@ -221,6 +221,7 @@ def test_torchrun_two_cpu_processes_give_the_single_process_counts(tmp_path: Pat
         [np.sum(np.asarray(s["label"]) == 255) for s in evaluate.data.build_dataset(
             "synthetic", None, "val", train=False, length=5)])  # every valid pixel of the 5 images, once
     assert b["boundary"]["counts"] == a["boundary"]["counts"]
+    assert b["biou"]["counts"] == a["biou"]["counts"] and sum(c[1] for c in a["biou"]["counts"]) > 0
     assert b["instance_count"] == a["instance_count"]
     np.testing.assert_allclose(np.array(b["instance_iou"], float), np.array(a["instance_iou"], float), rtol=1e-12)
     for key in ("iou", "miou", "pixel_acc", "settings", "checkpoint", "split", "class_names"):
@@ -268,6 +269,50 @@ def test_out_of_memory_while_evaluating_is_one_line(tmp_path: Path, monkeypatch)
         evaluate.main(args)
     assert str(info.value) == ("evaluate.py: out of memory predicting synthetic_val_000000 with --window-batch "
                                f"{infer.WINDOW_BATCH_CPU} --amp: give a smaller --window-batch")
+
+
+def test_metric_biou_is_the_literal_count_in_a_row_beside_boundary_prf(tmp_path: Path, capsys):
+    """--metric all adds Boundary IoU (docs/metrics.md §4) to the boundary table and the JSON; its
+    counts are the authors' erosion construction applied literally, per class, void not counted."""
+    import data
+    from test_boundary import eroded_band, literal_biou_counts
+
+    ckpt = tiny_checkpoint(tmp_path)
+    evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--ckpt", str(ckpt), "--metric", "miou", "--length", "2", "--workers", "0", "--device", "cpu",
+         "--save-pred", str(tmp_path / "pred"), "--json", str(tmp_path / "model.json")]))
+    capsys.readouterr()
+    result = evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--pred-dir", str(tmp_path / "pred"), "--dataset", "synthetic", "--metric", "all", "--length", "2",
+         "--workers", "2", "--biou-dilation", "0.05", "--json", str(tmp_path / "all.json")]))
+    dataset = data.build_dataset("synthetic", None, "val", train=False, length=2)
+    num_classes = data.dataset_info("synthetic").num_classes
+    expected = sum(literal_biou_counts(np.array(data.read_label(tmp_path / "pred" / f"{dataset[i]['name']}.png")),
+                                       np.asarray(dataset[i]["label"]), num_classes, 0.05, band=eroded_band)
+                   for i in range(2))
+    saved = json.loads((tmp_path / "all.json").read_text())
+    assert saved["biou"]["counts"] == expected.tolist() and saved["settings"]["biou_dilation"] == 0.05
+    present = expected[:, 1] > 0
+    assert present.sum() >= 2
+    np.testing.assert_allclose(np.array(result["biou"]["iou"])[present], expected[present, 0] / expected[present, 1])
+    assert result["biou"]["mean_iou"] == pytest.approx(np.mean(expected[present, 0] / expected[present, 1]))
+    lines = capsys.readouterr().out.splitlines()
+    f_row = next(i for i, line in enumerate(lines) if line.startswith("F "))
+    assert lines[f_row + 1].startswith("Boundary IoU ")  # the row right below boundary F
+    only = evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--pred-dir", str(tmp_path / "pred"), "--dataset", "synthetic", "--metric", "biou", "--length", "2",
+         "--workers", "0", "--biou-dilation", "0.05", "--json", str(tmp_path / "biou.json")]))
+    assert "boundary" not in only and only["biou"]["counts"] == expected.tolist()
+
+
+@pytest.mark.parametrize("value", ["0", "-0.1", "1", "nan"])
+def test_a_meaningless_biou_dilation_is_one_line(tmp_path: Path, value: str):
+    args = evaluate.get_args_parser().parse_args(
+        ["--pred-dir", str(tmp_path), "--dataset", "synthetic", "--metric", "biou", "--biou-dilation", value])
+    with pytest.raises(SystemExit) as info:
+        evaluate.main(args)
+    assert str(info.value).startswith(f"evaluate.py: --biou-dilation {float(value)} must be a fraction of the image "
+                                      "diagonal in (0, 1) (default 0.02)")
 
 
 def test_kernels_report_learned_field_sizes(tmp_path: Path, capsys):
