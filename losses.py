@@ -210,7 +210,35 @@ def stencil(kernel_size: int) -> list[tuple[int, int]]:
     return [(dy, dx) for dy in (-s, 0, s) for dx in (-s, 0, s) if (dy, dx) != (0, 0)]
 
 
-class AffinityFieldLoss(nn.Module):
+class _AffinityFieldBase(nn.Module):
+    """What Eq. (7) and Eq. (10) share: the field sizes, margin, ignore value and stride, the
+    element counts (the means' denominators) and the pairs of one batch (appendix)."""
+
+    def __init__(self, num_classes: int, kernel_sizes: Sequence[int], margin: float, ignore_index: int,
+                 stride: int):
+        super().__init__()
+        for k in kernel_sizes:
+            stencil(k)                                              # validates the size
+        self.num_classes = num_classes
+        self.kernel_sizes = tuple(kernel_sizes)
+        self.margin = margin
+        self.ignore_index = ignore_index
+        self.stride = _check_stride(stride)
+
+    def counts(self, labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """[2, K] int64: the edge and non-edge element counts per size of ``labels`` picked down to
+        ``size = (h, w)``, the denominators of the means (add them over micro-batches)."""
+        return _pairs(_labels_at_size(labels, size, self.num_classes, self.ignore_index, self.stride),
+                      self.kernel_sizes, self.num_classes).counts
+
+    def _logits_and_pairs(self, logits: torch.Tensor, labels: torch.Tensor):
+        """(logits [B, C, h, w] as the losses read them, the batch's pairs of every size)."""
+        logits, labels = _inputs(logits, labels, self.num_classes, self.stride)
+        lab = _labels_at(labels, logits, self.ignore_index, _PAIR_INDEX)
+        return logits, _pairs(lab, self.kernel_sizes, self.num_classes)
+
+
+class AffinityFieldLoss(_AffinityFieldBase):
     """Eq. (7), the affinity field loss ("Affinity" in the paper's tables with kernel_sizes=(3,)).
 
     For class c, centre pixel i and neighbour j on the k x k stencil (8 neighbours at distance
@@ -232,33 +260,18 @@ class AffinityFieldLoss(nn.Module):
     def __init__(self, num_classes: int, kernel_sizes: Sequence[int] = (3,), margin: float = 3.0,
                  ignore_index: int = 255, lambda_edge: float = 1.0, lambda_nonedge: float = 1.0,
                  stride: int = 1):
-        super().__init__()
-        for k in kernel_sizes:
-            stencil(k)                                              # validates the size
-        self.num_classes = num_classes
-        self.kernel_sizes = tuple(kernel_sizes)
-        self.margin = margin
-        self.ignore_index = ignore_index
+        super().__init__(num_classes, kernel_sizes, margin, ignore_index, stride)
         self.lambda_edge = lambda_edge
         self.lambda_nonedge = lambda_nonedge
-        self.stride = _check_stride(stride)
         # A buffer, so that it follows .to(device) and no host-to-device copy happens per step;
         # float64 so that float64 logits see the exact values.
         self.register_buffer("_lambdas", torch.tensor([[lambda_edge], [lambda_nonedge]], dtype=torch.float64),
                              persistent=False)
 
-    def counts(self, labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """[2, K] int64: the edge and non-edge element counts per size of ``labels`` picked down to
-        ``size = (h, w)``, the denominators of the means (add them over micro-batches)."""
-        return _pairs(_labels_at_size(labels, size, self.num_classes, self.ignore_index, self.stride),
-                      self.kernel_sizes, self.num_classes).counts
-
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, *,
                 counts: torch.Tensor | None = None) -> torch.Tensor:
         with _float32_region(logits):
-            logits, labels = _inputs(logits, labels, self.num_classes, self.stride)
-            lab = _labels_at(labels, logits, self.ignore_index, _PAIR_INDEX)
-            pairs = _pairs(lab, self.kernel_sizes, self.num_classes)
+            logits, pairs = self._logits_and_pairs(logits, labels)
             lam = self._lambdas.to(logits.dtype)                             # [2, 1]
             coef = lam / (pairs.counts if counts is None else counts).clamp(min=1)   # [2, K]
             return _affinity_loss(logits, pairs, self.kernel_sizes, self.margin,
@@ -308,7 +321,7 @@ def affinity_field_reference(logits: torch.Tensor, labels: torch.Tensor, kernel_
 # --------------------------------------------------------------------------------------------
 # Eqs. (8)-(10): adaptive affinity fields
 # --------------------------------------------------------------------------------------------
-class AdaptiveAffinityFieldLoss(nn.Module):
+class AdaptiveAffinityFieldLoss(_AffinityFieldBase):
     """Eqs. (8)-(10), adaptive affinity fields (AAF).
 
         L_AAF = sum_k [ mean_{edge elements of size k}     w_edge[y_i, k]    * max(0, m - KL)
@@ -329,14 +342,7 @@ class AdaptiveAffinityFieldLoss(nn.Module):
 
     def __init__(self, num_classes: int, kernel_sizes: Sequence[int] = (3, 5, 7), margin: float = 3.0,
                  ignore_index: int = 255, stride: int = 1):
-        super().__init__()
-        for k in kernel_sizes:
-            stencil(k)
-        self.num_classes = num_classes
-        self.kernel_sizes = tuple(kernel_sizes)
-        self.margin = margin
-        self.ignore_index = ignore_index
-        self.stride = _check_stride(stride)
+        super().__init__(num_classes, kernel_sizes, margin, ignore_index, stride)
         K = len(self.kernel_sizes)
         self.edge_logits = nn.Parameter(torch.zeros(num_classes, K))
         self.nonedge_logits = nn.Parameter(torch.zeros(num_classes, K))
@@ -345,17 +351,10 @@ class AdaptiveAffinityFieldLoss(nn.Module):
         """(w_edge, w_nonedge), each [C, K], rows on the simplex (Eq. 8's constraints)."""
         return self.edge_logits.softmax(dim=1), self.nonedge_logits.softmax(dim=1)
 
-    def counts(self, labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """[2, K] int64: edge and non-edge element counts per size (see AffinityFieldLoss.counts)."""
-        return _pairs(_labels_at_size(labels, size, self.num_classes, self.ignore_index, self.stride),
-                      self.kernel_sizes, self.num_classes).counts
-
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, *,
                 counts: torch.Tensor | None = None) -> torch.Tensor:
         with _float32_region(logits):
-            logits, labels = _inputs(logits, labels, self.num_classes, self.stride)
-            lab = _labels_at(labels, logits, self.ignore_index, _PAIR_INDEX)
-            pairs = _pairs(lab, self.kernel_sizes, self.num_classes)
+            logits, pairs = self._logits_and_pairs(logits, labels)
             w_edge, w_nonedge = self.weights()                                   # [C, K]
             # Eq. (10): the weight of the centre's class, over each size's element count.
             n = (pairs.counts if counts is None else counts).clamp(min=1)       # [2, K]
