@@ -549,12 +549,20 @@ def absent_classes(info: DatasetInfo, codec: LabelCodec, values: np.ndarray) -> 
     return [name for k, name in enumerate(info.class_names) if k not in present]
 
 
-def _warn_absent_classes(info: DatasetInfo, codec: LabelCodec, root: Path, split: str,
-                         records: list[layouts.Record]) -> None:
+def _check_training_labels(info: DatasetInfo, codec: LabelCodec, root: Path, split: str,
+                           records: list[layouts.Record]) -> None:
+    """At the start of training on a folder set: a stored value that is no class (nor ignored) is
+    refused now, naming its file, and a declared class that no label holds is a warning."""
     if os.environ.get("RANK", "0") != "0":  # only rank 0 prints, so only it reads
         return
     values = layouts.label_values([r.label for r in records], lambda line: _tell(f"{root}: {line}"),
                                   f"labels of split {split!r}")
+    refused = values[(values < 0) | (values > 255)]
+    refused = np.concatenate([refused, [v for v in values if 0 <= v <= 255 and not codec.valid[v]]]).astype(np.int64)
+    if refused.size:  # now, not when the file's sample is drawn thousands of steps in (or never)
+        path = next(r.label for r in records if np.isin(layouts.label_values([r.label]), refused).any())
+        file_values = layouts.label_values([path])
+        raise layouts.refused_values(file_values[np.isin(file_values, refused)], codec, path)
     absent = absent_classes(info, codec, values)
     if absent:
         _tell(f"warning: {root}: class{'es' if len(absent) > 1 else ''} {', '.join(map(repr, absent))} "
@@ -622,7 +630,7 @@ def build_dataset(
         records = records[: int(length)]
     layouts.check_files_exist(info, root, records)
     if name == "folder" and train:
-        _warn_absent_classes(info, codec, root, split, records)
+        _check_training_labels(info, codec, root, split, records)
     return FileDataset(
         info, records, split, train, crop_size, scale_range, seed,
         resize_image_to_label=(name == "gta5"),

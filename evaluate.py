@@ -379,7 +379,7 @@ def evaluate_model(model: torch.nn.Module, dataset, dataset_name: str, metrics: 
                           biou_dilation=biou_dilation)
     totals = distributed.sum_counts({"raw": raw, "seconds": seconds}, dist)
     raw, seconds = totals["raw"], totals["seconds"]
-    settings = {"crop_size": crop_size, "stride": stride, "scales": list(scales), "flip": flip,
+    settings = {"crop_size": crop_size, "stride": stride, "scales": list(scales), "flip": flip, "amp": amp,
                 "max_dist": max_dist, "crf": None if crf_params is None else dataclasses.asdict(crf_params)}
     if "biou" in metrics:
         settings["biou_dilation"] = biou_dilation

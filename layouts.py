@@ -192,9 +192,10 @@ class LabelCodec:
     lut: np.ndarray  # [256] uint8: stored value -> train id or 255
     valid: np.ndarray  # [256] bool: values that may appear in a file
     description: str  # what is legal, for error messages
+    if_255: str = ""  # added to the message when 255 is among the values refused
 
 
-def make_codec(mapping: dict[int, int], void: Sequence[int], description: str) -> LabelCodec:
+def make_codec(mapping: dict[int, int], void: Sequence[int], description: str, if_255: str = "") -> LabelCodec:
     """The codec of `mapping` (stored value -> train id); `void` values are legal but ignored."""
     lut = np.full(256, IGNORE_INDEX, np.uint8)
     valid = np.zeros(256, bool)
@@ -202,7 +203,13 @@ def make_codec(mapping: dict[int, int], void: Sequence[int], description: str) -
         lut[raw] = train_id
         valid[raw] = True
     valid[list(void)] = True  # values that are legal but ignored
-    return LabelCodec(lut, valid, description)
+    return LabelCodec(lut, valid, description, if_255)
+
+
+def refused_values(bad: np.ndarray, codec: LabelCodec, path: str | os.PathLike) -> DatasetError:
+    """The one line for stored values `bad` that `codec` does not allow, in the file `path`."""
+    hint = codec.if_255 if IGNORE_INDEX in bad.tolist() else ""
+    return DatasetError(f"{path}: label values {bad[:8].tolist()} are outside {codec.description}{hint}")
 
 
 def decode_label(raw: np.ndarray, codec: LabelCodec, path: str | os.PathLike) -> np.ndarray:
@@ -216,8 +223,7 @@ def decode_label(raw: np.ndarray, codec: LabelCodec, path: str | os.PathLike) ->
         raw = raw.astype(np.uint8)
     bad_mask = ~codec.valid[raw]
     if bad_mask.any():
-        bad = np.unique(raw[bad_mask])[:8].tolist()
-        raise DatasetError(f"{path}: label values {bad} are outside {codec.description}")
+        raise refused_values(np.unique(raw[bad_mask]), codec, path)
     return codec.lut[raw]
 
 
@@ -566,9 +572,10 @@ def folder_codec(classes: FolderClasses, source: str) -> LabelCodec:
     hint = "" if IGNORE_INDEX in class_values else (" (add a line `255 ignore` if 255 means ignore, or give "
                                                     "each class its value, `255: name`, if 255 is a class)")
     ignored = (f" or {', '.join(map(str, classes.ignore_values))} (ignore)" if classes.ignore_values
-               else f"; {source} declares no ignore value{hint}")
+               else f"; {source} declares no ignore value")
     return make_codec({v: k for k, v in enumerate(class_values)}, classes.ignore_values,
-                      f"{_value_ranges(class_values)} (the classes of {source}){ignored}")
+                      f"{_value_ranges(class_values)} (the classes of {source}){ignored}",
+                      if_255=hint if not classes.ignore_values else "")
 
 
 # Without classes.txt, the values of every label map decide (one pass, cached below): exactly these

@@ -113,6 +113,7 @@ class RandomProjectionLoss(nn.Module):
     def __init__(self, num_classes: int, kernel_size: int = 5, seed: int = 0, ignore_index: int = 255,
                  stride: int = 1):
         super().__init__()
+        _check_num_classes(num_classes)
         gen = torch.Generator().manual_seed(seed)
         std = 1.0 / math.sqrt(kernel_size * kernel_size * num_classes)
         weight = torch.randn(num_classes, num_classes, kernel_size, kernel_size, generator=gen) * std
@@ -161,7 +162,7 @@ class AdversarialProjection(nn.Module):
 
     def __init__(self, num_classes: int, width: int = 64, ignore_index: int = 255, stride: int = 1):
         super().__init__()
-        self.num_classes = num_classes
+        self.num_classes = _check_num_classes(num_classes)
         self.ignore_index = ignore_index
         self.stride = _check_stride(stride)
         act = nn.LeakyReLU(0.2)
@@ -219,7 +220,7 @@ class _AffinityFieldBase(nn.Module):
         super().__init__()
         for k in kernel_sizes:
             stencil(k)                                              # validates the size
-        self.num_classes = num_classes
+        self.num_classes = _check_num_classes(num_classes)
         self.kernel_sizes = tuple(kernel_sizes)
         self.margin = margin
         self.ignore_index = ignore_index
@@ -492,8 +493,17 @@ def _class_logits(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
 # a full-resolution model on exactly that grid: the paper's loss, at 1/64 of the cost. (Every pixel
 # a centre, with neighbours 8 pixels apart, is the other reading: kernel_sizes=(17,) on the full map,
 # 64 times the elements; the README's "Using AAF in your own project" says so.)
+def _check_num_classes(num_classes: int) -> int:
+    """A loss over class logits needs two classes at least (a one-channel sigmoid model is
+    num_classes=2); with one, every pair is a non-edge of equal probabilities and the loss is 0."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r} (a binary model with one "
+                         "output channel: num_classes=2)")
+    return num_classes
+
+
 def _check_stride(stride: int) -> int:
-    if not isinstance(stride, int) or stride < 1:
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
         raise ValueError(f"stride must be a positive int, got {stride!r}")
     return stride
 
@@ -501,7 +511,7 @@ def _check_stride(stride: int) -> int:
 def _at_stride(x: torch.Tensor, labels: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (or features) [B, C, H, W] and labels [B, H, W] of the same size, read at pixels
     (stride*i, stride*j): [B, C, ceil(H/stride), ceil(W/stride)] and the labels there."""
-    if stride == 1:
+    if _check_stride(stride) == 1:
         return x, labels
     if labels.shape[-2:] != x.shape[-2:]:
         raise ValueError(f"stride={stride} reads logits and labels of the same size, got logits "
@@ -512,7 +522,7 @@ def _at_stride(x: torch.Tensor, labels: torch.Tensor, stride: int) -> tuple[torc
 def _labels_at_stride(labels: torch.Tensor, size: tuple[int, int] | None,
                       stride: int) -> tuple[torch.Tensor, tuple[int, int] | None]:
     """``_at_stride`` for the labels alone (the ``counts`` methods): (labels, size of the logits read)."""
-    if stride == 1:
+    if _check_stride(stride) == 1:
         return labels, size
     if size is not None and tuple(labels.shape[-2:]) != tuple(size):
         raise ValueError(f"stride={stride} reads logits and labels of the same size, got logits "

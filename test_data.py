@@ -986,3 +986,23 @@ def test_data_root_that_is_a_file_says_so(tmp_path: Path) -> None:
         assert "\n" not in str(e.value)
     with pytest.raises(data.DatasetError, match="folder data set needs its folder: pass --data-root DIR"):
         data.dataset_info("folder")
+
+
+def test_a_training_label_value_that_is_no_class_is_refused_at_start_naming_its_file(tmp_path: Path) -> None:
+    """The start-up scan of a folder set's training labels refuses a value no class or ignore line
+    declares, naming the file, before the first batch (a sample drawn late, or never, would
+    otherwise stop the run thousands of steps in, or not at all); the hint about 255 only when 255
+    is among the values refused."""
+    good = np.array([[0, 1, 1, 0], [1, 0, 0, 1], [0, 0, 1, 1]], np.uint8)
+    bad = np.array([[0, 7, 1, 0], [1, 7, 0, 1], [0, 0, 1, 1]], np.uint8)
+    make_masks(tmp_path, {"train": [good, bad, good], "val": [good]}, "bg\nfg\n")
+    data.build_dataset("folder", tmp_path, "val", train=False)  # evaluation sets: refused when read
+    with pytest.raises(data.DatasetError) as info:
+        data.build_dataset("folder", tmp_path, "train", train=True)
+    assert str(info.value) == (f"{tmp_path / 'labels' / 'train' / '1.png'}: label values [7] are outside 0..1 "
+                               f"(the classes of {tmp_path / 'classes.txt'}); {tmp_path / 'classes.txt'} declares "
+                               "no ignore value")
+    make_masks(tmp_path / "w", {"train": [good, np.array([[0, 255, 1, 0], [1, 7, 0, 1], [0, 0, 1, 1]], np.uint8)], "val": [good]}, "bg\nfg\n")
+    with pytest.raises(data.DatasetError, match=r"label values \[7, 255\] are outside 0\.\.1 .* declares no ignore "
+                                                r"value \(add a line `255 ignore` if 255 means ignore"):
+        data.build_dataset("folder", tmp_path / "w", "train", train=True)

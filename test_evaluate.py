@@ -571,3 +571,14 @@ def test_a_full_disk_under_save_pred_is_one_line(tmp_path: Path, monkeypatch):
     assert message.startswith(f"evaluate.py: --save-pred cannot write {tmp_path / 'preds'}/im")
     assert message.endswith("(No space left on device); the evaluation stopped at that image, before any score")
     assert "\n" not in message
+
+
+def test_the_results_record_whether_the_network_ran_in_bf16(tmp_path: Path):
+    """--amp changes predictions slightly: the JSON's settings say which run it was."""
+    ckpt = tiny_checkpoint(tmp_path)
+    for amp in (False, True):
+        args = evaluate.get_args_parser().parse_args(
+            ["--ckpt", str(ckpt), "--length", "1", "--workers", "0", "--device", "cpu",
+             "--json", str(tmp_path / f"{amp}.json")] + (["--amp"] if amp else []))
+        evaluate.main(args)
+        assert json.loads((tmp_path / f"{amp}.json").read_text())["settings"]["amp"] is amp

@@ -1489,3 +1489,20 @@ def test_stride_needs_labels_at_the_logits_size():
         losses.AffinityFieldLoss(3, stride=8)(logits, torch.zeros(1, 2, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="stride must be a positive int"):
         losses.AdaptiveAffinityFieldLoss(3, stride=0)
+
+
+def test_losses_over_class_logits_refuse_fewer_than_two_classes_and_a_zero_stride():
+    """One class makes every pair a non-edge of equal probabilities: the loss would be 0 silently
+    (a one-channel sigmoid model is num_classes=2). stride 0 / True are no strides."""
+    for make in (lambda c: losses.AffinityFieldLoss(c), lambda c: losses.AdaptiveAffinityFieldLoss(c),
+                 lambda c: losses.RandomProjectionLoss(c), lambda c: losses.AdversarialProjection(c)):
+        for bad in (1, 0, True):
+            with pytest.raises(ValueError, match=r"num_classes must be an int >= 2, got .*num_classes=2"):
+                make(bad)
+        make(2)
+    logits, labels = torch.randn(2, 3, 9, 11), torch.randint(0, 3, (2, 9, 11))
+    for stride in (0, True):
+        with pytest.raises(ValueError, match=r"stride must be a positive int"):
+            losses.unary_loss(logits, labels, stride=stride)
+        with pytest.raises(ValueError, match=r"stride must be a positive int"):
+            losses.valid_count(labels, 3, stride=stride)
