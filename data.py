@@ -557,12 +557,15 @@ def _check_training_labels(info: DatasetInfo, codec: LabelCodec, root: Path, spl
         return
     values = layouts.label_values([r.label for r in records], lambda line: _tell(f"{root}: {line}"),
                                   f"labels of split {split!r}")
-    refused = values[(values < 0) | (values > 255)]
-    refused = np.concatenate([refused, [v for v in values if 0 <= v <= 255 and not codec.valid[v]]]).astype(np.int64)
-    if refused.size:  # now, not when the file's sample is drawn thousands of steps in (or never)
-        path = next(r.label for r in records if np.isin(layouts.label_values([r.label]), refused).any())
-        file_values = layouts.label_values([path])
-        raise layouts.refused_values(file_values[np.isin(file_values, refused)], codec, path)
+    def refused(stored: np.ndarray) -> np.ndarray:  # the values a file may not hold
+        byte = (stored >= 0) & (stored <= 255)
+        return stored[~byte | ~codec.valid[np.where(byte, stored, 0)]]
+
+    if refused(values).size:  # now, not when the file's sample is drawn thousands of steps in (or never)
+        for record in records:  # the first file that holds one (each file's values are cached)
+            bad = refused(layouts.label_values([record.label]))
+            if bad.size:
+                raise layouts.refused_values(bad, codec, record.label)
     absent = absent_classes(info, codec, values)
     if absent:
         _tell(f"warning: {root}: class{'es' if len(absent) > 1 else ''} {', '.join(map(repr, absent))} "
@@ -755,6 +758,5 @@ def default_workers(device_type: str) -> int:
     """Loader processes per rank when --workers is not given (the rule --help states)."""
     if device_type != "cuda":
         return 0
-    processes_per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    per_process = checks.usable_cpus() // processes_per_node
+    per_process = checks.usable_cpus() // distributed.processes_on_this_machine()
     return max(1, min(MAX_DEFAULT_WORKERS, per_process - 1))  # one core stays with the training process

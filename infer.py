@@ -199,18 +199,6 @@ def run_windows(model: torch.nn.Module, passes: Iterable[WindowPass], window_bat
         yield from flush()
 
 
-def sliding_window_probs(model: torch.nn.Module, image: torch.Tensor, crop_size: int | None,
-                         stride: int | None, window_batch: int = 1, amp: bool = False) -> torch.Tensor:
-    """Class probabilities `[C, h, w]` of one (scaled) image `[3, h, w]` by sliding crops.
-
-    Each crop's logits are upsampled first and then soft-maxed (DeepLab/PSPNet practice:
-    interpolating logits keeps the class margins that interpolating probabilities would blur);
-    overlapping crops average their probabilities. crop_size None: the whole image in one pass.
-    """
-    (single,) = run_windows(model, [WindowPass(image, crop_size, stride)], window_batch, amp)
-    return single.probs()
-
-
 def resolve_window(crop_size: int | None, stride: int | None, info: data.DatasetInfo) -> tuple[int, int]:
     """(crop, stride) of the sliding windows: the given values, or the data set's evaluation
     window (DatasetInfo.eval_crop / eval_stride) for the ones that are None. 0 is an error, not
